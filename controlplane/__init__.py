@@ -1,0 +1,1 @@
+"""modelpool control plane: registry, lifecycle, supervisord workers, control API."""

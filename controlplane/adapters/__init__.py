@@ -1,0 +1,1 @@
+"""Thin adapters between the pool and the outside world (supervisord, workers, files)."""

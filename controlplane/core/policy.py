@@ -1,0 +1,192 @@
+"""Pure decisions about time and capacity: TTLs, expiry, eviction, retry backoff.
+
+Every function takes snapshots and a time and returns data; the pool applies the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from controlplane.core.states import OCCUPYING, Event, State
+
+MINUTE: Final = 60.0
+#: Failures in a row after which a load is no longer retried at once.
+FREE_RETRIES: Final = 1
+BACKOFF_BASE_SECONDS: Final = 5.0
+BACKOFF_MAX_SECONDS: Final = 300.0
+
+
+@dataclass(frozen=True)
+class TtlBounds:
+    """The TTL settings that every TTL computation needs."""
+
+    default_minutes: float
+    min_minutes: float
+    max_minutes: float
+    grace_minutes: float
+
+
+def effective_ttl_minutes(ttl_minutes: float | None, warmup: bool, bounds: TtlBounds) -> float:
+    """A model's TTL in minutes: 0 means it never expires.
+
+    Warmup models never expire. An explicit 0 means "never"; any other value (or the default
+    when the entry has none) is clamped to ``min..max``.
+    """
+    if warmup:
+        return 0.0
+    ttl = bounds.default_minutes if ttl_minutes is None else ttl_minutes
+    if ttl == 0:
+        return 0.0
+    return min(max(ttl, bounds.min_minutes), bounds.max_minutes)
+
+
+def deadline_after(now: float, ttl_minutes: float) -> float | None:
+    """The deadline that a request at ``now`` sets; None for a model that never expires."""
+    return None if ttl_minutes == 0 else now + ttl_minutes * MINUTE
+
+
+@dataclass(frozen=True)
+class Extension:
+    """The outcome of an ``extend-ttl`` call."""
+
+    deadline: float
+    clamped: bool
+
+
+def extend(deadline: float | None, now: float, minutes: float, bounds: TtlBounds) -> Extension:
+    """``max(deadline, now) + minutes``, capped at ``now + max TTL``."""
+    wanted = max(deadline if deadline is not None else now, now) + minutes * MINUTE
+    cap = now + bounds.max_minutes * MINUTE
+    return Extension(deadline=min(wanted, cap), clamped=wanted > cap)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What policy needs to know about one model, copied out of the pool under its lock."""
+
+    model_id: str
+    state: State
+    warmup: bool
+    in_flight: int = 0
+    deadline: float | None = None
+    grace_until: float | None = None
+    last_used: float = 0.0
+    memory_mb: float = 0.0
+
+
+def due_events(models: Iterable[ModelView], now: float) -> list[tuple[str, Event]]:
+    """The TTL events that are due at ``now``: HOT past its deadline, COOLING past its grace.
+
+    A model with a request in flight is never expired.
+    """
+    due: list[tuple[str, Event]] = []
+    for m in models:
+        if m.in_flight > 0:
+            continue
+        if m.state is State.HOT and m.deadline is not None and now >= m.deadline:
+            due.append((m.model_id, Event.TTL_EXPIRED))
+        elif m.state is State.COOLING and m.grace_until is not None and now >= m.grace_until:
+            due.append((m.model_id, Event.GRACE_EXPIRED))
+    return due
+
+
+def next_wakeup(models: Iterable[ModelView]) -> float | None:
+    """The earliest time at which ``due_events`` could return something new."""
+    times = [
+        t
+        for m in models
+        for t in (
+            m.deadline if m.state is State.HOT else None,
+            m.grace_until if m.state is State.COOLING else None,
+        )
+        if t is not None
+    ]
+    return min(times, default=None)
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """What must happen before a model can load.
+
+    ``ok``: it may start now. Otherwise, if ``evict`` or ``wait`` is set, the caller evicts those
+    models and/or waits for models already UNLOADING, then plans again. If neither is set, there
+    is no way to make room (HTTP 503).
+    """
+
+    ok: bool
+    evict: tuple[str, ...] = ()
+    wait: bool = False
+    reason: str = ""
+
+
+def plan_capacity(
+    models: Sequence[ModelView],
+    candidate: str,
+    need_mb: float,
+    max_models: int,
+    memory_limit_mb: float,
+) -> CapacityPlan:
+    """Decide whether ``candidate`` fits, and which idle models to evict (LRU first) if not.
+
+    Models in UNLOADING still hold their memory and port until they stop, so they count
+    against the limits; the caller waits for them rather than overshooting.
+    Evictable: HOT or COOLING, not warmup, nothing in flight.
+    """
+    occupying = [m for m in models if m.state in OCCUPYING and m.model_id != candidate]
+    unloading = [m for m in occupying if m.state is State.UNLOADING]
+    settled = [m for m in occupying if m.state is not State.UNLOADING]
+    evictable = sorted(
+        (
+            m
+            for m in settled
+            if m.state in (State.HOT, State.COOLING) and not m.warmup and m.in_flight == 0
+        ),
+        key=lambda m: (m.last_used, m.model_id),
+    )
+    limit_mem = memory_limit_mb > 0
+
+    def fits(kept: Sequence[ModelView], pending: Sequence[ModelView]) -> bool:
+        count = len(kept) + len(pending) + 1
+        mem = sum(m.memory_mb for m in kept) + sum(m.memory_mb for m in pending) + need_mb
+        return count <= max_models and (not limit_mem or mem <= memory_limit_mb)
+
+    if limit_mem and need_mb > memory_limit_mb:
+        return CapacityPlan(
+            ok=False,
+            reason=f"model needs {need_mb:.0f} MB, more than memory_limit_mb {memory_limit_mb:.0f}",
+        )
+    if fits(settled, unloading):
+        return CapacityPlan(ok=True)
+    # Would the room exist once the models already unloading have stopped?
+    kept = list(settled)
+    evict: list[str] = []
+    for victim in evictable:
+        if fits(kept, ()):
+            break
+        kept.remove(victim)
+        evict.append(victim.model_id)
+    if fits(kept, ()):
+        return CapacityPlan(ok=False, evict=tuple(evict), wait=True)
+    busy = len(settled) - len(evictable)
+    return CapacityPlan(
+        ok=False,
+        reason=(
+            f"no capacity: {len(occupying)} of max_concurrent_models {max_models} loaded, "
+            f"{busy} busy or warmup, memory {sum(m.memory_mb for m in occupying):.0f}"
+            f" of memory_limit_mb {memory_limit_mb:.0f}"
+        ),
+    )
+
+
+def retry_not_before(failures: int, failed_at: float) -> float:
+    """When a model that failed ``failures`` times in a row may be loaded again automatically.
+
+    The first failure is retried at once; after that the cooldown doubles from
+    BACKOFF_BASE_SECONDS up to BACKOFF_MAX_SECONDS.
+    """
+    if failures <= FREE_RETRIES:
+        return failed_at
+    delay = BACKOFF_BASE_SECONDS * 2 ** (failures - FREE_RETRIES - 1)
+    return failed_at + min(delay, BACKOFF_MAX_SECONDS)

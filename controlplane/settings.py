@@ -1,0 +1,433 @@
+"""Settings and registry: each key declared once with its default, validator and doc.
+
+Config is read from ``model_pool_config.yaml`` (or the seed's ``model_pool_config.json``) and the
+registry from ``model_pool_registry.yaml`` (or ``.json``) in the config directory. Every error
+names the key and the value and says what was expected; nothing is clamped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+CONFIG_BASENAME: Final = "model_pool_config"
+REGISTRY_BASENAME: Final = "model_pool_registry"
+BACKENDS: Final = ("ollama", "llamacpp", "openai")
+MODEL_ID_MAX: Final = 200
+MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration or registry input; the message names the key."""
+
+
+# --- small validators -------------------------------------------------------------------------
+
+
+def _number(key: str, value: Any, *, minimum: float | None = None, integer: bool = False) -> Any:
+    ok_types: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}: {value!r} is not {kind}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {minimum}")
+    return value if integer else float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
+    return value
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: {value!r} is not a string")
+    return value
+
+
+def _url(key: str, value: Any, *, empty_ok: bool = False) -> str:
+    text = _str(key, value)
+    if empty_ok and text == "":
+        return text
+    if not re.match(r"^https?://[^\s/]+", text):
+        raise ConfigError(f"{key}: {value!r} is not an http:// or https:// URL")
+    return text.rstrip("/")
+
+
+def _port(key: str, value: Any) -> int:
+    port = int(_number(key, value, integer=True))
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: {port} is not a TCP port (1-65535)")
+    return port
+
+
+def _str_list(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{key}: {value!r} is not a list of strings")
+    return tuple(_str(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def validate_model_id(value: Any, key: str = "model_id") -> str:
+    """A model id: 1-200 characters of letters, digits and ``. _ : / @ + -``."""
+    text = _str(key, value)
+    if not text:
+        raise ConfigError(f"{key}: must not be empty")
+    if len(text) > MODEL_ID_MAX:
+        raise ConfigError(f"{key}: {len(text)} characters, more than {MODEL_ID_MAX}")
+    if not MODEL_ID_RE.match(text) or ".." in text.split("/") or "//" in text:
+        raise ConfigError(
+            f"{key}: {text!r} may hold only letters, digits and . _ : / @ + - "
+            "(starting with a letter or digit)"
+        )
+    return text
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PortRange:
+    start: int = 8051
+    end: int = 8099
+
+
+def _port_range(key: str, value: Any) -> PortRange:
+    if isinstance(value, PortRange):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: {value!r} is not a mapping with start and end")
+    unknown = sorted(set(value) - {"start", "end"})
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key (expected start, end)")
+    start = _port(f"{key}.start", value.get("start", 8051))
+    end = _port(f"{key}.end", value.get("end", 8099))
+    if end < start:
+        raise ConfigError(f"{key}.end: {end} is below {key}.start {start}")
+    return PortRange(start, end)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: its validator and what it means (defaults live on Settings)."""
+
+    name: str
+    check: Callable[[str, Any], Any]
+    doc: str
+    #: Takes effect only when the stack restarts (reported by PATCH /config).
+    restart: bool = False
+
+
+def _num(minimum: float) -> Callable[[str, Any], Any]:
+    return lambda k, v: _number(k, v, minimum=minimum)
+
+
+def _int(minimum: int) -> Callable[[str, Any], Any]:
+    return lambda k, v: _number(k, v, minimum=minimum, integer=True)
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting("default_ttl_minutes", _num(0), "TTL of models whose entry sets none; 0 = never"),
+    Setting("min_ttl_minutes", _num(0), "lower bound of a model's TTL"),
+    Setting("max_ttl_minutes", _num(0), "upper bound of a TTL and of extend-ttl"),
+    Setting("grace_period_minutes", _num(0), "COOLING time after the deadline"),
+    Setting("check_interval_seconds", _num(0.01), "longest sleep of the reaper between checks"),
+    Setting("warmup_models", _str_list, "model ids loaded at start and never expired"),
+    Setting("port_range", _port_range, "worker ports {start, end}"),
+    Setting("max_concurrent_models", _int(1), "most models loaded at once"),
+    Setting("memory_limit_mb", _num(0), "most memory in use by models; 0 = no limit"),
+    Setting("auto_unload", _bool, "unload models whose TTL and grace period passed"),
+    Setting("graceful_shutdown_seconds", _num(0), "drain time for in-flight requests on unload"),
+    Setting("load_timeout_seconds", _num(1), "WARMING longer than this is FAILED"),
+    Setting("ollama_base_url", _url, "Ollama's HTTP API"),
+    Setting("control_port", _port, "control plane port", restart=True),
+    Setting("bind_host", _str, "address the control plane and workers bind", True),
+    Setting(
+        "service_registry_url",
+        lambda k, v: _url(k, v, empty_ok=True),
+        "PAS service registry; empty turns it off",
+    ),
+    Setting("api_key", _str, "bearer token required by the API; empty = no auth"),
+)
+SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated pool settings (see SETTINGS for each key)."""
+
+    default_ttl_minutes: float = 15.0
+    min_ttl_minutes: float = 5.0
+    max_ttl_minutes: float = 60.0
+    grace_period_minutes: float = 2.0
+    check_interval_seconds: float = 30.0
+    warmup_models: tuple[str, ...] = ()
+    port_range: PortRange = field(default_factory=PortRange)
+    max_concurrent_models: int = 5
+    memory_limit_mb: float = 32000.0
+    auto_unload: bool = True
+    graceful_shutdown_seconds: float = 30.0
+    load_timeout_seconds: float = 300.0
+    ollama_base_url: str = "http://localhost:11434"
+    control_port: int = 8050
+    bind_host: str = "127.0.0.1"
+    service_registry_url: str = "http://localhost:6121"
+    api_key: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["warmup_models"] = list(self.warmup_models)
+        return data
+
+    def public_dict(self) -> dict[str, Any]:
+        """As ``to_dict`` but with the API key hidden."""
+        data = self.to_dict()
+        if data["api_key"]:
+            data["api_key"] = "***"
+        return data
+
+
+def parse_settings(raw: Mapping[str, Any], base: Settings | None = None) -> Settings:
+    """Validate ``raw`` (a partial or whole config) on top of ``base``; raise ConfigError."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: {raw!r} is not a mapping of keys to values")
+    for key in raw:
+        if key not in SETTINGS_BY_NAME:
+            raise ConfigError(
+                f"{key}: unknown key (known keys: {', '.join(sorted(SETTINGS_BY_NAME))})"
+            )
+    values = {k: SETTINGS_BY_NAME[k].check(k, v) for k, v in raw.items()}
+    settings = replace(base or Settings(), **values)
+    _check_settings(settings)
+    return settings
+
+
+def _check_settings(s: Settings) -> None:
+    if s.max_ttl_minutes < s.min_ttl_minutes:
+        raise ConfigError(
+            f"max_ttl_minutes: {s.max_ttl_minutes} is below min_ttl_minutes {s.min_ttl_minutes}"
+        )
+    if s.port_range.start <= s.control_port <= s.port_range.end:
+        raise ConfigError(
+            f"control_port: {s.control_port} is inside port_range "
+            f"{s.port_range.start}-{s.port_range.end}"
+        )
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model."""
+
+    model_id: str
+    display_name: str = ""
+    model_type: str = "general"
+    warmup: bool = False
+    ttl_minutes: float | None = None
+    priority: str = "normal"
+    tags: tuple[str, ...] = ()
+    backend: str = "ollama"
+    model_path: str = ""
+    upstream_url: str = ""
+    upstream_model: str = ""
+    port: int | None = None
+    memory_mb: float | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tags"] = list(self.tags)
+        data["options"] = dict(self.options)
+        return {k: v for k, v in data.items() if v not in (None, "", [], {}) or k == "model_id"}
+
+
+PRIORITIES: Final = ("low", "normal", "medium", "high", "critical")
+
+
+def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
+    """Validate one registry entry; errors name ``where.key``."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: {raw!r} is not a mapping")
+    known = {f.name for f in fields(ModelEntry)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{where}.{key}: unknown key (known keys: {', '.join(sorted(known))})"
+            )
+    if "model_id" not in raw:
+        raise ConfigError(f"{where}.model_id: missing")
+
+    def k(name: str) -> str:
+        return f"{where}.{name}"
+
+    model_id = validate_model_id(raw["model_id"], k("model_id"))
+    values: dict[str, Any] = {"model_id": model_id}
+    for name in ("display_name", "model_type", "model_path", "upstream_model"):
+        if raw.get(name) is not None:
+            values[name] = _str(k(name), raw[name])
+    if raw.get("warmup") is not None:
+        values["warmup"] = _bool(k("warmup"), raw["warmup"])
+    if raw.get("ttl_minutes") is not None:
+        values["ttl_minutes"] = _number(k("ttl_minutes"), raw["ttl_minutes"], minimum=0)
+    if raw.get("priority") is not None:
+        prio = _str(k("priority"), raw["priority"])
+        if prio not in PRIORITIES:
+            raise ConfigError(f"{k('priority')}: {prio!r} is not one of {', '.join(PRIORITIES)}")
+        values["priority"] = prio
+    if raw.get("tags") is not None:
+        values["tags"] = _str_list(k("tags"), raw["tags"])
+    backend = _str(k("backend"), raw.get("backend", "ollama"))
+    if backend not in BACKENDS:
+        raise ConfigError(f"{k('backend')}: {backend!r} is not one of {', '.join(BACKENDS)}")
+    values["backend"] = backend
+    if raw.get("upstream_url"):
+        values["upstream_url"] = _url(k("upstream_url"), raw["upstream_url"])
+    if backend == "openai" and not values.get("upstream_url"):
+        raise ConfigError(f"{k('upstream_url')}: required for backend openai")
+    if backend == "llamacpp" and not values.get("model_path"):
+        raise ConfigError(f"{k('model_path')}: required for backend llamacpp")
+    if raw.get("port") is not None:
+        values["port"] = _port(k("port"), raw["port"])
+    if raw.get("memory_mb") is not None:
+        values["memory_mb"] = _number(k("memory_mb"), raw["memory_mb"], minimum=0)
+    if raw.get("options") is not None:
+        opts = raw["options"]
+        if not isinstance(opts, Mapping) or not all(isinstance(x, str) for x in opts):
+            raise ConfigError(f"{k('options')}: {opts!r} is not a mapping of option names")
+        values["options"] = dict(opts)
+    return ModelEntry(**values)
+
+
+def parse_registry(raw: Any, settings: Settings) -> tuple[ModelEntry, ...]:
+    """Validate a whole registry document (``{"models": [...]}``) against ``settings``."""
+    if raw is None:
+        raw = {"models": []}
+    if not isinstance(raw, Mapping) or set(raw) - {"models"}:
+        raise ConfigError("registry: expected a mapping with one key, models (a list)")
+    models = raw.get("models") or []
+    if not isinstance(models, list):
+        raise ConfigError(f"models: {models!r} is not a list")
+    entries = tuple(parse_entry(m, f"models[{i}]") for i, m in enumerate(models))
+    check_registry(entries, settings)
+    return entries
+
+
+def check_registry(entries: tuple[ModelEntry, ...], settings: Settings) -> None:
+    """Cross-entry rules: unique ids, unique pinned ports inside the range, known warmups."""
+    seen: set[str] = set()
+    ports: dict[int, str] = {}
+    pr = settings.port_range
+    for i, e in enumerate(entries):
+        if e.model_id in seen:
+            raise ConfigError(f"models[{i}].model_id: {e.model_id!r} is registered twice")
+        seen.add(e.model_id)
+        if e.port is not None:
+            if not pr.start <= e.port <= pr.end:
+                raise ConfigError(
+                    f"models[{i}].port: {e.port} is outside port_range {pr.start}-{pr.end}"
+                )
+            if e.port in ports:
+                raise ConfigError(
+                    f"models[{i}].port: {e.port} is already pinned by {ports[e.port]!r}"
+                )
+            ports[e.port] = e.model_id
+    for i, w in enumerate(settings.warmup_models):
+        if w not in seen:
+            raise ConfigError(f"warmup_models[{i}]: {w!r} is not in the registry")
+
+
+def warmup_ids(entries: tuple[ModelEntry, ...], settings: Settings) -> tuple[str, ...]:
+    """Warmup models in registry order: entries flagged ``warmup`` or listed in the config."""
+    listed = set(settings.warmup_models)
+    return tuple(e.model_id for e in entries if e.warmup or e.model_id in listed)
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def _find(config_dir: Path, basename: str) -> Path:
+    for ext in (".yaml", ".yml", ".json"):
+        path = config_dir / f"{basename}{ext}"
+        if path.exists():
+            return path
+    return config_dir / f"{basename}.yaml"
+
+
+def _read(path: Path) -> Any:
+    if not path.exists():
+        return None
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _dump(path: Path, data: Any) -> str:
+    if path.suffix == ".json":
+        return json.dumps(data, indent=2) + "\n"
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+@dataclass(frozen=True)
+class ConfigStore:
+    """Where settings and registry live on disk, and how they are read and written."""
+
+    config_dir: Path
+
+    @property
+    def config_path(self) -> Path:
+        return _find(self.config_dir, CONFIG_BASENAME)
+
+    @property
+    def registry_path(self) -> Path:
+        return _find(self.config_dir, REGISTRY_BASENAME)
+
+    def load(self) -> tuple[Settings, tuple[ModelEntry, ...]]:
+        """Read and validate both files; ConfigError names the file and key."""
+        raw = _read(self.config_path) or {}
+        try:
+            settings = parse_settings(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.config_path}: {exc}") from None
+        try:
+            entries = parse_registry(_read(self.registry_path), settings)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.registry_path}: {exc}") from None
+        return settings, entries
+
+    def save_settings(self, settings: Settings) -> None:
+        data = settings.to_dict()
+        data["port_range"] = {"start": settings.port_range.start, "end": settings.port_range.end}
+        atomic_write(self.config_path, _dump(self.config_path, data))
+
+    def save_registry(self, entries: tuple[ModelEntry, ...]) -> None:
+        path = self.registry_path
+        atomic_write(path, _dump(path, {"models": [e.to_dict() for e in entries]}))

@@ -1,0 +1,60 @@
+"""The worker spec: everything a model worker needs to know, passed as a JSON file.
+
+The control plane writes one spec file per loaded model and points the worker at it with the
+``MODELPOOL_SPEC`` environment variable. Model details never travel through the supervisord
+program entry itself (a model id may contain characters that entry syntax would interpret).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPEC_ENV = "MODELPOOL_SPEC"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker serves and how it reaches its backend."""
+
+    model_id: str
+    port: int
+    backend: str = "ollama"
+    #: Ollama's base URL (ollama backend).
+    ollama_base_url: str = "http://localhost:11434"
+    #: Base URL of an OpenAI-compatible upstream, without the ``/v1`` suffix (openai backend).
+    upstream_url: str = ""
+    #: The model name sent to the backend; defaults to ``model_id``.
+    upstream_model: str = ""
+    #: Path of a model file (in-process backends).
+    model_path: str = ""
+    #: Registry estimate, used when the backend cannot report memory itself.
+    memory_mb: float | None = None
+    #: Backend options (e.g. ``num_ctx`` for Ollama, ``n_ctx``/``n_threads`` for llama.cpp).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Seconds the backend may take to load the model.
+    load_timeout_seconds: float = 300.0
+    #: Largest request body accepted, in bytes.
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    @property
+    def backend_model(self) -> str:
+        return self.upstream_model or self.model_id
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"worker spec: unknown keys {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> WorkerSpec:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
