@@ -1,0 +1,57 @@
+"""How the control plane reads a model worker's ``/health``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import requests
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    """What a worker says about itself."""
+
+    status: str  # loading | ready | error
+    requests_served: int = 0
+    in_flight: int = 0
+    last_request_at: float | None = None
+    memory_mb: float | None = None
+    error: str | None = None
+    pid: int | None = None
+    raw: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerHealth:
+        def num(key: str) -> float | None:
+            v = data.get(key)
+            return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+        return cls(
+            status=str(data.get("status", "")),
+            requests_served=int(num("requests_served") or 0),
+            in_flight=int(num("in_flight") or 0),
+            last_request_at=num("last_request_at"),
+            memory_mb=num("memory_mb"),
+            error=data.get("error") if isinstance(data.get("error"), str) else None,
+            pid=int(p) if (p := num("pid")) is not None else None,
+            raw=data,
+        )
+
+
+class WorkerProbe(Protocol):
+    """Reads a worker's health; None when it does not answer."""
+
+    def health(self, host: str, port: int, timeout: float) -> WorkerHealth | None: ...
+
+
+class HttpWorkerProbe:
+    """The real probe: ``GET http://host:port/health``."""
+
+    def health(self, host: str, port: int, timeout: float) -> WorkerHealth | None:
+        try:
+            resp = requests.get(f"http://{host}:{port}/health", timeout=timeout)
+            data = resp.json()
+        except (requests.RequestException, ValueError):
+            return None
+        return WorkerHealth.from_json(data) if isinstance(data, dict) else None

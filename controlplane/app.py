@@ -1,0 +1,42 @@
+"""The control plane's app factory: wiring only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flask import Flask
+
+from controlplane.api import control, errors, metrics, ops
+from controlplane.node import PROJECT_DIR
+from controlplane.service import PoolService
+from controlplane.settings import ConfigStore
+
+RUN_DIR_ENV = "MODELPOOL_RUN_DIR"
+CONFIG_DIR_ENV = "MODELPOOL_CONFIG_DIR"
+EXT = "modelpool"
+
+
+def default_dirs() -> tuple[Path, Path]:
+    """(config dir, run dir) from the environment, else ``config/`` and ``run/``."""
+    config_dir = Path(os.environ.get(CONFIG_DIR_ENV) or PROJECT_DIR / "config")
+    run_dir = Path(os.environ.get(RUN_DIR_ENV) or PROJECT_DIR / "run")
+    return config_dir, run_dir
+
+
+def create_app(service: PoolService | None = None) -> Flask:
+    """Build the control plane. The pool starts in gunicorn's ``post_worker_init``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if service is None:
+        config_dir, run_dir = default_dirs()
+        service = PoolService(ConfigStore(config_dir), run_dir)
+    app = Flask("controlplane")
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[EXT] = service
+    errors.register(app)
+    app.register_blueprint(ops.bp)
+    app.register_blueprint(control.bp)
+    metrics.install(app, service)
+    return app

@@ -1,0 +1,361 @@
+"""The ``modelpool`` command: run the stack and drive the pool from a terminal or a script.
+
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage or config,
+3 the control plane (or supervisord) is not reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
+from controlplane.app import CONFIG_DIR_ENV, RUN_DIR_ENV, default_dirs
+from controlplane.core.slug import PROGRAM_PREFIX, program_name
+from controlplane.node import Node, RunPaths
+from controlplane.settings import ConfigError, ConfigStore, Settings
+
+EXIT_FAILED, EXIT_USAGE, EXIT_DOWN = 1, 2, 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
+    config_dir, run_dir = default_dirs()
+    return (Path(args.config_dir or config_dir), Path(args.run_dir or run_dir))
+
+
+def _settings(config_dir: Path) -> Settings:
+    try:
+        settings, _ = ConfigStore(config_dir).load()
+    except ConfigError as exc:
+        raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
+    return settings
+
+
+class Api:
+    """A small client of the control API."""
+
+    def __init__(self, url: str, api_key: str = "") -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+        try:
+            resp = requests.request(
+                method, self.url + path, json=body, headers=self.headers, timeout=timeout
+            )
+        except requests.ConnectionError:
+            raise CliError(
+                f"the control plane is not reachable at {self.url} (start it: modelpool up)",
+                EXIT_DOWN,
+            ) from None
+        except requests.Timeout:
+            raise CliError(f"{method} {path}: no answer within {timeout:g} s") from None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"error": {"message": resp.text.strip()}}
+        if resp.status_code >= 400:
+            msg = data.get("error", {}).get("message") if isinstance(data, dict) else None
+            raise CliError(f"{msg or resp.reason} (HTTP {resp.status_code})")
+        return data
+
+
+def _api(args: argparse.Namespace) -> Api:
+    url = args.url or os.environ.get("MODELPOOL_URL")
+    api_key = os.environ.get("MODELPOOL_API_KEY", "")
+    if not url:
+        settings = _settings(_dirs(args)[0])
+        host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "") else settings.bind_host
+        url = f"http://{host}:{settings.control_port}"
+        api_key = api_key or settings.api_key
+    return Api(url, api_key)
+
+
+def _mid(model_id: str) -> str:
+    return quote(model_id, safe=":@+")
+
+
+def _fmt_ttl(m: dict[str, Any]) -> str:
+    if m["state"] not in ("HOT", "COOLING"):
+        return "-"
+    if not m.get("expires", True):
+        return "forever"
+    if m["state"] == "COOLING" and m.get("grace_until"):
+        left = max(0.0, m["grace_until"] - time.time())
+        return f"grace {left:.0f}s"
+    minutes = m.get("ttl_remaining_minutes") or 0.0
+    secs = round(minutes * 60)
+    return f"{secs // 60}m{secs % 60:02d}s"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config_dir, run_dir = _dirs(args)
+    settings = _settings(config_dir)
+    node = Node.local(run_dir, settings)
+    try:
+        node.paths.create()
+    except ConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    client = SupervisorClient(str(node.paths.socket), timeout=5)
+    try:
+        client.state()
+        running = True
+    except SupervisorError:
+        running = False
+    if running:
+        print(f"supervisord already running for {node.paths.run_dir}")
+    else:
+        _start_supervisord(node, config_dir, run_dir, settings)
+    host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "") else settings.bind_host
+    url = f"http://{host}:{settings.control_port}"
+    limit = time.monotonic() + args.timeout
+    while time.monotonic() < limit:
+        try:
+            resp = requests.get(url + "/health", timeout=2)
+            if resp.status_code == 200 and resp.json().get("status") == "healthy":
+                print(f"modelpool is up: control plane {url}, run dir {node.paths.run_dir}")
+                print(f"supervisorctl -c {node.paths.conf} status")
+                return 0
+        except (requests.RequestException, ValueError):
+            pass
+        time.sleep(0.2)
+    log = node.paths.logs / "controlplane.log"
+    tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+    raise CliError(
+        f"the control plane did not become healthy at {url} within {args.timeout:g} s\n{tail}"
+    )
+
+
+def _start_supervisord(node: Node, config_dir: Path, run_dir: Path, settings: Settings) -> None:
+    conf = node.render_supervisord_conf(config_dir, settings.control_port)
+    node.paths.conf.write_text(conf)
+    node.paths.conf.chmod(0o600)
+    env = dict(os.environ)
+    env[CONFIG_DIR_ENV] = str(config_dir.resolve())
+    env[RUN_DIR_ENV] = str(run_dir.resolve())
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor.supervisord", "-c", str(node.paths.conf)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise CliError(f"supervisord did not start: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def stop_stack(paths: RunPaths, timeout: float = 120) -> bool:
+    """Drain every model worker, stop the control plane, shut supervisord down and wait for it.
+
+    Returns False if no supervisord was running for ``paths``.
+    """
+    client = SupervisorClient(str(paths.socket), timeout=5)
+    try:
+        pid = client.pid()
+        procs = client.all_processes()
+    except SupervisorError:
+        return False
+    # The control plane first, so that it does not react to its workers stopping.
+    client.stop("controlplane", timeout=60)
+    models = [p.name for p in procs if p.name.startswith(PROGRAM_PREFIX)]
+    threads = [threading.Thread(target=client.stop, args=(n, timeout)) for n in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        client.shutdown()
+    except SupervisorError:
+        pass
+    limit = time.monotonic() + timeout
+    while time.monotonic() < limit and _alive(pid):
+        time.sleep(0.1)
+    for f in [*paths.conf_d.glob("*.conf"), *paths.specs.glob("*.json")]:
+        f.unlink(missing_ok=True)
+    return not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _, run_dir = _dirs(args)
+    paths = RunPaths(run_dir.resolve())
+    if not paths.socket.exists():
+        print(f"modelpool is not running (no socket in {paths.run_dir})")
+        return 0
+    stopped = stop_stack(paths, args.timeout)
+    print("modelpool is down" if stopped else f"no supervisord answered at {paths.socket}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    api = _api(args)
+    data = api.call("GET", "/models")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [["MODEL", "STATE", "PORT", "MEMORY", "TTL LEFT", "IN FLIGHT", "REQUESTS", "LAST ERROR"]]
+    for m in data["models"]:
+        rows.append(
+            [
+                m["model_id"],
+                m["state"],
+                str(m["port"] or "-"),
+                f"{m['memory_mb']:.0f} MB" if m["memory_mb"] else "-",
+                _fmt_ttl(m),
+                str(m["in_flight"]),
+                str(m["requests"]),
+                (m["last_error"] or "")[:60],
+            ]
+        )
+    print(_table(rows))
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    api = _api(args)
+    started = time.monotonic()
+    api.call("POST", f"/models/{_mid(args.model)}/load", {"wait": False}, timeout=args.timeout)
+    tty = sys.stdout.isatty()
+    last = ""
+    while True:
+        m = api.call("GET", f"/models/{_mid(args.model)}")
+        elapsed = time.monotonic() - started
+        if m["state"] != last or tty:
+            line = f"{args.model}: {m['state']} ({elapsed:.1f} s)"
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+            last = m["state"]
+        if m["state"] in ("HOT", "COOLING"):
+            if tty:
+                print()
+            print(f"{args.model} is HOT on port {m['port']} after {elapsed:.1f} s")
+            return 0
+        if m["state"] == "FAILED":
+            if tty:
+                print()
+            raise CliError(f"{args.model} failed to load: {m['last_error']}")
+        if elapsed > args.timeout:
+            raise CliError(f"{args.model} is still {m['state']} after {args.timeout:g} s")
+        time.sleep(0.2)
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    api = _api(args)
+    m = api.call(
+        "POST",
+        f"/models/{_mid(args.model)}/unload",
+        {"force": args.force, "wait": True},
+        timeout=180,
+    )
+    print(f"{args.model}: {m['state']}")
+    return 0
+
+
+def cmd_extend_ttl(args: argparse.Namespace) -> int:
+    api = _api(args)
+    m = api.call("POST", f"/models/{_mid(args.model)}/extend-ttl", {"minutes": args.minutes})
+    note = " (capped at max_ttl_minutes)" if m.get("clamped") else ""
+    print(f"{args.model}: {_fmt_ttl(m)} left{note}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    _, run_dir = _dirs(args)
+    path = RunPaths(run_dir.resolve()).program_log(program_name(args.model))
+    if not path.exists():
+        raise CliError(f"no log for {args.model} at {path} (has it been loaded?)")
+    cmd = ["tail", "-n", str(args.lines)] + (["-F"] if args.follow else []) + [str(path)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelpool", description=__doc__.splitlines()[0])
+    p.add_argument("--config-dir", help=f"config directory (env {CONFIG_DIR_ENV}; default config/)")
+    p.add_argument("--run-dir", help=f"run directory (env {RUN_DIR_ENV}; default run/)")
+    p.add_argument("--url", help="control plane URL (env MODELPOOL_URL; default from config)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("up", help="start supervisord with the stack; return once healthy")
+    s.add_argument("--timeout", type=float, default=60)
+    s.set_defaults(fn=cmd_up)
+    s = sub.add_parser("down", help="drain workers, stop supervisord, leave no process behind")
+    s.add_argument("--timeout", type=float, default=120)
+    s.set_defaults(fn=cmd_down)
+    s = sub.add_parser("status", help="a table of models, states, ports, TTL left")
+    s.add_argument("--json", action="store_true", help="print the raw JSON")
+    s.set_defaults(fn=cmd_status)
+    s = sub.add_parser("load", help="load a model and wait until it is HOT")
+    s.add_argument("model")
+    s.add_argument("--timeout", type=float, default=600)
+    s.set_defaults(fn=cmd_load)
+    s = sub.add_parser("unload", help="unload a model (drains in-flight requests)")
+    s.add_argument("model")
+    s.add_argument("--force", action="store_true", help="skip the drain")
+    s.set_defaults(fn=cmd_unload)
+    s = sub.add_parser("extend-ttl", help="move a model's TTL deadline")
+    s.add_argument("model")
+    s.add_argument("minutes", type=float)
+    s.set_defaults(fn=cmd_extend_ttl)
+    s = sub.add_parser("logs", help="tail a model worker's log")
+    s.add_argument("model")
+    s.add_argument("-n", "--lines", type=int, default=50)
+    s.add_argument("-f", "--follow", action="store_true")
+    s.set_defaults(fn=cmd_logs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except CliError as exc:
+        print(f"modelpool: {exc}", file=sys.stderr)
+        return exc.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The slow side of the lifecycle: start, probe, stop and remove model workers.
+
+The pool decides (under its lock) and calls ``start_load`` / ``start_stop`` / ``start_cleanup``,
+which only spawn a thread. The thread talks to supervisord and the worker without any lock and
+reports back through the pool's methods, naming the generation it worked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from controlplane.adapters.supervisord import (
+    SupervisorClient,
+    SupervisorError,
+    UnknownProgram,
+)
+from controlplane.adapters.worker import WorkerProbe
+from controlplane.node import Node
+from controlplane.pool import Lifecycle, ModelPool
+from model_service.spec import WorkerSpec
+
+log = logging.getLogger("modelpool.lifecycle")
+
+POLL_SECONDS = 0.05
+PROCESS_CHECK_SECONDS = 0.5
+#: supervisord states in which a worker that is loading is still alive.
+STARTING_STATES = frozenset({"STARTING", "RUNNING"})
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b(:|$)")
+
+
+def log_excerpt(tail: str, lines: int = 3) -> str:
+    """What a worker log says went wrong, on one line: its last exception, else its last lines."""
+    kept = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    exceptions = [ln for ln in kept if _EXCEPTION_LINE.match(ln)]
+    if exceptions:
+        return exceptions[-1]
+    return " | ".join(kept[-lines:])
+
+
+class Workers(Lifecycle):
+    """Runs lifecycle side effects in background threads."""
+
+    def __init__(
+        self, pool: ModelPool, node: Node, supervisor: SupervisorClient, probe: WorkerProbe
+    ) -> None:
+        self.pool = pool
+        self.node = node
+        self.supervisor = supervisor
+        self.probe = probe
+        self.stopping = threading.Event()
+        self._threads: set[threading.Thread] = set()
+        self._threads_lock = threading.Lock()
+
+    def _spawn(self, name: str, fn: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("lifecycle task %s failed", name)
+            finally:
+                with self._threads_lock:
+                    self._threads.discard(threading.current_thread())
+
+        t = threading.Thread(target=run, name=f"modelpool-{name}", daemon=True)
+        with self._threads_lock:
+            self._threads.add(t)
+        t.start()
+
+    def join(self, timeout: float) -> None:
+        """Wait for running tasks (used at shutdown and by tests)."""
+        limit = time.monotonic() + timeout
+        while True:
+            with self._threads_lock:
+                threads = list(self._threads)
+            if not threads or time.monotonic() >= limit:
+                return
+            threads[0].join(max(0.0, limit - time.monotonic()))
+
+    # --- Lifecycle ----------------------------------------------------------------------------
+
+    def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
+        self._spawn(f"load-{model_id}", self._load, model_id, gen, adopt)
+
+    def start_stop(self, model_id: str, gen: int, force: bool) -> None:
+        self._spawn(f"stop-{model_id}", self._stop, model_id, gen, force)
+
+    def start_cleanup(self, model_id: str, gen: int) -> None:
+        self._spawn(f"cleanup-{model_id}", self._cleanup, model_id, gen)
+
+    # --- tasks --------------------------------------------------------------------------------
+
+    def _load(self, model_id: str, gen: int, adopt: bool) -> None:
+        rec = self.pool.load_info(model_id, gen)
+        if rec is None or rec.port is None:
+            return
+        s = self.pool.settings
+        error: str | None
+        try:
+            if not adopt:
+                e = rec.entry
+                spec = WorkerSpec(
+                    model_id=model_id,
+                    port=rec.port,
+                    backend=e.backend,
+                    ollama_base_url=s.ollama_base_url,
+                    upstream_url=e.upstream_url,
+                    upstream_model=e.upstream_model,
+                    model_path=e.model_path,
+                    memory_mb=e.memory_mb,
+                    options=dict(e.options),
+                    load_timeout_seconds=s.load_timeout_seconds,
+                )
+                self.node.write_program(
+                    rec.program, rec.port, s.graceful_shutdown_seconds, spec.to_json()
+                )
+                self.supervisor.add_program(rec.program)
+                self.supervisor.start(rec.program)
+            error = self._await_ready(model_id, gen, rec.program, rec.port, s.load_timeout_seconds)
+        except (SupervisorError, OSError, ValueError) as exc:
+            error = f"could not start worker {rec.program}: {exc}"
+        if error is None:
+            return
+        log.warning("load failed model=%s error=%s", model_id, error)
+        self._remove(rec.program)
+        self.pool.load_failed(model_id, gen, error)
+
+    def _await_ready(
+        self, model_id: str, gen: int, program: str, port: int, timeout: float
+    ) -> str | None:
+        """Poll the worker until ready; None when ready (or superseded), else the error."""
+        limit = time.monotonic() + timeout
+        next_check = time.monotonic() + PROCESS_CHECK_SECONDS
+        host = self.node.bind_host
+        while not self.stopping.is_set():
+            if not self.pool.still_warming(model_id, gen):
+                return None
+            health = self.probe.health(host, port, 1.0)
+            if health is not None and health.status == "ready":
+                self.pool.became_ready(
+                    model_id, gen, health.memory_mb, health.pid, health.requests_served
+                )
+                return None
+            if health is not None and health.status == "error":
+                return f"worker reported: {health.error or 'unknown error'}"
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + PROCESS_CHECK_SECONDS
+                gone = self._exited(program)
+                if gone:
+                    return gone
+            if time.monotonic() >= limit:
+                return f"not ready within load_timeout_seconds ({timeout:g} s)"
+            self.stopping.wait(POLL_SECONDS)
+        return "control plane is shutting down"
+
+    def _exited(self, program: str) -> str | None:
+        try:
+            info = self.supervisor.process(program)
+        except UnknownProgram:
+            return f"worker {program} is no longer known to supervisord"
+        if info.state in STARTING_STATES:
+            return None
+        tail = log_excerpt(self.supervisor.log_tail(program))
+        return f"worker exited ({info.state}, exit status {info.exitstatus})" + (
+            f": {tail}" if tail else ""
+        )
+
+    def _stop(self, model_id: str, gen: int, force: bool) -> None:
+        rec = self.pool.load_info(model_id, gen)
+        if rec is None:
+            return
+        try:
+            if force:
+                # gunicorn's quick shutdown: no drain.
+                self.supervisor.signal(rec.program, "QUIT")
+            self._remove(rec.program, raise_errors=True)
+        except SupervisorError as exc:
+            log.error("stop failed model=%s program=%s error=%s", model_id, rec.program, exc)
+            self.pool.set_busy(model_id, gen, False)  # the reaper tries again
+            return
+        self.pool.stopped(model_id, gen)
+
+    def _cleanup(self, model_id: str, gen: int) -> None:
+        rec = self.pool.load_info(model_id, gen)
+        if rec is None:
+            return
+        self._remove(rec.program)
+        self.pool.cleaned(model_id, gen)
+
+    def _remove(self, program: str, raise_errors: bool = False) -> None:
+        """Stop (draining), forget and delete a worker's program; idempotent."""
+        s = self.pool.settings
+        try:
+            self.supervisor.stop(program, timeout=s.graceful_shutdown_seconds + 30)
+            self.node.delete_program(program)
+            self.supervisor.remove_program(program)
+        except SupervisorError as exc:
+            if raise_errors:
+                raise
+            log.error("removing program %s failed: %s", program, exc)

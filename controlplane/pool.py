@@ -1,0 +1,760 @@
+"""ModelPool: the one writer of model state.
+
+Every state change goes through ``_apply`` under one short lock, which checks it against the
+table in ``core.states``, records it, logs one line and wakes whoever waits. No lock is held
+across an XML-RPC or HTTP call: the slow work (starting, probing, stopping a worker) runs in
+``controlplane.lifecycle`` outside the lock and reports back through the pool's methods, which
+re-check the record's generation so that a late report from an old load changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from controlplane.core import policy
+from controlplane.core.ports import PortRequest, PortUnavailableError, choose_port, warmup_ports
+from controlplane.core.slug import program_name
+from controlplane.core.states import OCCUPYING, SERVING, Event, State, next_state
+from controlplane.errors import Conflict, LoadFailed, LoadTimeout, NoCapacity, UnknownModel
+from controlplane.settings import ModelEntry, Settings, warmup_ids
+
+log = logging.getLogger("modelpool.pool")
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One applied state change."""
+
+    old: State
+    new: State
+    at: float
+    reason: str
+
+
+@dataclass
+class Record:
+    """Everything the pool knows about one registered model (mutated only under the lock)."""
+
+    entry: ModelEntry
+    program: str
+    state: State = State.COLD
+    since: float = 0.0
+    #: Bumped on every load; work started for an older generation is ignored.
+    gen: int = 0
+    port: int | None = None
+    pid: int | None = None
+    deadline: float | None = None
+    grace_until: float | None = None
+    #: Deadline to restore when an adopted worker is ready again.
+    restore_deadline: float | None = None
+    loaded_at: float | None = None
+    last_used: float = 0.0
+    #: Requests counted by the pool itself (front door), in flight now.
+    in_flight: int = 0
+    #: What the worker last said it has in flight (requests sent straight to its port).
+    worker_in_flight: int = 0
+    #: Requests served by earlier worker processes, plus the current one's count.
+    requests_base: int = 0
+    worker_requests: int = 0
+    measured_mb: float | None = None
+    last_error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    #: A stop/cleanup of this model's program is running in the background.
+    busy: bool = False
+    deleting: bool = False
+    unload_reason: str = ""
+    history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
+
+    @property
+    def requests(self) -> int:
+        return self.requests_base + self.worker_requests
+
+    @property
+    def total_in_flight(self) -> int:
+        return self.in_flight + self.worker_in_flight
+
+    def memory(self) -> float:
+        """Measured memory if the worker reports it, else the registry's estimate."""
+        if self.measured_mb is not None:
+            return self.measured_mb
+        return float(self.entry.memory_mb or 0.0)
+
+
+class Lifecycle:
+    """Side effects the pool asks for; implemented by ``controlplane.lifecycle.Workers``."""
+
+    def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
+        raise NotImplementedError
+
+    def start_stop(self, model_id: str, gen: int, force: bool) -> None:
+        raise NotImplementedError
+
+    def start_cleanup(self, model_id: str, gen: int) -> None:
+        raise NotImplementedError
+
+
+class ModelPool:
+    """Registry plus lifecycle state of every model on one node."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        entries: tuple[ModelEntry, ...],
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._records: dict[str, Record] = {
+            e.model_id: Record(entry=e, program=program_name(e.model_id)) for e in entries
+        }
+        self._order: list[str] = [e.model_id for e in entries]
+        self.lifecycle: Lifecycle = Lifecycle()
+        self.is_port_free: Callable[[int], bool] = lambda port: True
+        #: Called (outside the lock) after a change that may move the next deadline.
+        self.on_change: Callable[[], None] = lambda: None
+        self.dirty = False
+        self.counters: dict[str, int] = {}
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def entries(self) -> tuple[ModelEntry, ...]:
+        with self._lock:
+            return tuple(self._records[m].entry for m in self._order)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._order)
+
+    def warmup_ids(self) -> tuple[str, ...]:
+        with self._lock:
+            return self._warmups()
+
+    def _warmups(self) -> tuple[str, ...]:
+        return warmup_ids(tuple(self._records[m].entry for m in self._order), self.settings)
+
+    def ttl_minutes(self, rec: Record) -> float:
+        """The model's effective TTL (0: never expires)."""
+        warm = rec.entry.model_id in self._warmups()
+        return policy.effective_ttl_minutes(rec.entry.ttl_minutes, warm, self._bounds())
+
+    def _bounds(self) -> policy.TtlBounds:
+        s = self.settings
+        return policy.TtlBounds(
+            s.default_ttl_minutes, s.min_ttl_minutes, s.max_ttl_minutes, s.grace_period_minutes
+        )
+
+    def _get(self, model_id: str) -> Record:
+        rec = self._records.get(model_id)
+        if rec is None or rec.deleting:
+            raise UnknownModel(model_id)
+        return rec
+
+    def record(self, model_id: str) -> Record:
+        """A copy of one model's record."""
+        with self._lock:
+            rec = self._get(model_id)
+            return replace(rec, history=deque(rec.history, maxlen=20))
+
+    def records(self) -> list[Record]:
+        """Copies of all records, in registry order."""
+        with self._lock:
+            return [
+                replace(self._records[m], history=deque(self._records[m].history, maxlen=20))
+                for m in self._order
+            ]
+
+    def describe(self, rec: Record, now: float | None = None) -> dict[str, Any]:
+        """The public JSON view of a record (``GET /models``)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            ttl = self.ttl_minutes(rec)
+            warm = rec.entry.model_id in self._warmups()
+        loaded = rec.state in SERVING
+        if not loaded:
+            remaining = None
+        elif rec.state is State.COOLING and rec.grace_until is not None:
+            remaining = 0.0
+        elif rec.deadline is None:
+            remaining = 0.0  # never expires (the seed shows 0 for warmup models)
+        else:
+            remaining = max(0.0, (rec.deadline - now) / 60.0)
+        host = self.settings.bind_host
+        return {
+            "model_id": rec.entry.model_id,
+            "display_name": rec.entry.display_name or rec.entry.model_id,
+            "model_type": rec.entry.model_type,
+            "backend": rec.entry.backend,
+            "state": rec.state.value,
+            "state_since": rec.since or None,
+            "port": rec.port,
+            "endpoint": f"http://{host}:{rec.port}" if rec.port and loaded else None,
+            "program": rec.program,
+            "pid": rec.pid if rec.state in OCCUPYING else None,
+            "ttl_minutes": ttl,
+            "expires": ttl != 0,
+            "ttl_remaining_minutes": None if remaining is None else round(remaining, 3),
+            "deadline": rec.deadline if loaded else None,
+            "grace_until": rec.grace_until if rec.state is State.COOLING else None,
+            "warmup": warm,
+            "memory_mb": round(rec.memory(), 1) if rec.state in OCCUPYING else 0.0,
+            "memory_source": "measured" if rec.measured_mb is not None else "estimate",
+            "requests": rec.requests,
+            "in_flight": rec.total_in_flight,
+            "loaded_at": rec.loaded_at if loaded else None,
+            "last_used": rec.last_used or None,
+            "last_error": rec.last_error,
+            "failures": rec.failures,
+            "retry_after_seconds": max(0.0, round(rec.retry_at - now, 1))
+            if rec.state is State.FAILED and rec.retry_at > now
+            else None,
+            "priority": rec.entry.priority,
+            "tags": list(rec.entry.tags),
+        }
+
+    def views(self) -> list[policy.ModelView]:
+        with self._lock:
+            return self._views()
+
+    def _views(self) -> list[policy.ModelView]:
+        warm = set(self._warmups())
+        return [
+            policy.ModelView(
+                model_id=r.entry.model_id,
+                state=r.state,
+                warmup=r.entry.model_id in warm,
+                in_flight=r.total_in_flight,
+                deadline=r.deadline,
+                grace_until=r.grace_until,
+                last_used=r.last_used,
+                memory_mb=r.memory(),
+            )
+            for r in self._records.values()
+        ]
+
+    # --- the one writer -----------------------------------------------------------------------
+
+    def _apply(self, rec: Record, event: Event, reason: str) -> State:
+        """Apply ``event`` to ``rec`` (lock held). Raises InvalidTransitionError if not allowed."""
+        old = rec.state
+        new = next_state(old, event)
+        now = self.clock()
+        took = now - rec.since if rec.since else 0.0
+        rec.state = new
+        rec.since = now
+        rec.history.append(Transition(old, new, now, reason))
+        key = f"{event.value}:{reason}"
+        self.counters[key] = self.counters.get(key, 0) + 1
+        self.dirty = True
+        log.info(
+            "transition model=%s from=%s to=%s event=%s reason=%s after=%.3fs port=%s",
+            rec.entry.model_id,
+            old.value,
+            new.value,
+            event.value,
+            reason,
+            took,
+            rec.port,
+        )
+        self._changed.notify_all()
+        return new
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def ensure_loaded(
+        self,
+        model_id: str,
+        timeout: float | None = None,
+        *,
+        manual: bool = False,
+        wait: bool = True,
+    ) -> Record:
+        """Make ``model_id`` HOT (or start it, with ``wait=False``) and return its record.
+
+        Single-flight: concurrent callers for a COLD model cause one load and all wait for it.
+        A model that is UNLOADING is waited for and loaded again. ``manual`` (a ``load`` call)
+        skips the retry backoff of a FAILED model. Raises UnknownModel, NoCapacity, LoadFailed,
+        LoadTimeout.
+        """
+        limit = self.settings.load_timeout_seconds if timeout is None else timeout
+        give_up = time.monotonic() + limit
+        started_gen: int | None = None
+        waited_gen: int | None = None  # the load this caller saw in progress
+        notify = False
+        try:
+            with self._lock:
+                while True:
+                    rec = self._get(model_id)
+                    if rec.state in SERVING:
+                        return replace(rec)
+                    if rec.state is State.WARMING:
+                        waited_gen = rec.gen
+                    if rec.state is State.FAILED and rec.gen in (started_gen, waited_gen):
+                        raise LoadFailed(
+                            f"model {model_id!r} failed to load: {rec.last_error}",
+                            retry_after=max(1.0, rec.retry_at - self.clock()),
+                        )
+                    if rec.state is State.WARMING and not wait:
+                        return replace(rec)
+                    if rec.state in (State.COLD, State.FAILED) and not rec.busy:
+                        started_gen = self._try_start(rec, manual)
+                        notify = notify or started_gen is not None
+                        if started_gen is not None:
+                            continue
+                    remaining = give_up - time.monotonic()
+                    if remaining <= 0:
+                        raise LoadTimeout(
+                            f"model {model_id!r} was not ready within {limit:g} s "
+                            f"(state {rec.state.value})"
+                        )
+                    self._changed.wait(min(remaining, 1.0))
+        finally:
+            if notify:
+                self.on_change()
+
+    def _try_start(self, rec: Record, manual: bool) -> int | None:
+        """Start loading ``rec`` if capacity allows (lock held); None if it must wait first."""
+        now = self.clock()
+        if rec.state is State.FAILED and not manual and now < rec.retry_at:
+            raise NoCapacity(
+                f"model {rec.entry.model_id!r} failed {rec.failures} times in a row "
+                f"({rec.last_error}); next try in {rec.retry_at - now:.0f} s",
+                retry_after=rec.retry_at - now,
+            )
+        s = self.settings
+        plan = policy.plan_capacity(
+            self._views(),
+            rec.entry.model_id,
+            float(rec.entry.memory_mb or 0.0),
+            s.max_concurrent_models,
+            s.memory_limit_mb,
+        )
+        if not plan.ok:
+            if not (plan.evict or plan.wait):
+                raise NoCapacity(plan.reason, retry_after=5)
+            for victim in plan.evict:
+                self._begin_unload(self._records[victim], Event.UNLOAD_REQUESTED, "eviction")
+            return None
+        try:
+            port = self._choose_port(rec)
+        except PortUnavailableError as exc:
+            raise NoCapacity(str(exc), retry_after=5) from None
+        rec.port = port
+        rec.gen += 1
+        rec.last_error = None
+        rec.restore_deadline = None
+        self._apply(rec, Event.LOAD_REQUESTED, "manual" if manual else "request")
+        self.lifecycle.start_load(rec.entry.model_id, rec.gen, adopt=False)
+        return rec.gen
+
+    def _choose_port(self, rec: Record) -> int:
+        s = self.settings
+        in_use = {r.port for r in self._records.values() if r.port is not None and r is not rec}
+        pinned = {r.entry.port for r in self._records.values() if r.entry.port is not None}
+        order = self._warmups()
+        req = PortRequest(rec.entry.model_id, rec.entry.port, order, pinned - {rec.entry.port})
+        return choose_port(
+            req,
+            s.port_range.start,
+            s.port_range.end,
+            in_use,
+            self.is_port_free,
+            warmup_ports(order, pinned, s.port_range.start),
+        )
+
+    def adopt(self, model_id: str, port: int, pid: int, deadline: float | None) -> bool:
+        """Take over a worker that is already running (after a control-plane restart)."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.state is not State.COLD:
+                return False
+            rec.port = port
+            rec.pid = pid
+            rec.gen += 1
+            rec.restore_deadline = deadline
+            self._apply(rec, Event.LOAD_REQUESTED, "adopt")
+            self.lifecycle.start_load(model_id, rec.gen, adopt=True)
+            return True
+
+    def load_info(self, model_id: str, gen: int) -> Record | None:
+        """The record for a lifecycle worker, if ``gen`` is still current."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen:
+                return None
+            return replace(rec)
+
+    def still_warming(self, model_id: str, gen: int) -> bool:
+        with self._lock:
+            rec = self._records.get(model_id)
+            return rec is not None and rec.gen == gen and rec.state is State.WARMING
+
+    def became_ready(
+        self, model_id: str, gen: int, memory_mb: float | None, pid: int | None, requests: int = 0
+    ) -> None:
+        """WARMING → HOT once the worker's /health said ready."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen or rec.state is not State.WARMING:
+                return
+            now = self.clock()
+            rec.measured_mb = memory_mb
+            rec.pid = pid
+            rec.loaded_at = now
+            rec.last_used = now
+            rec.failures = 0
+            rec.retry_at = 0.0
+            rec.worker_requests = requests
+            ttl = self.ttl_minutes(rec)
+            fresh = policy.deadline_after(now, ttl)
+            rec.deadline = rec.restore_deadline if rec.restore_deadline and fresh else fresh
+            rec.grace_until = None
+            self._apply(rec, Event.BECAME_READY, "adopted" if rec.restore_deadline else "ready")
+        self.on_change()
+
+    def load_failed(self, model_id: str, gen: int, error: str) -> None:
+        """WARMING → FAILED; the lifecycle has already stopped and removed the worker."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen or rec.state is not State.WARMING:
+                return
+            now = self.clock()
+            rec.failures += 1
+            rec.retry_at = policy.retry_not_before(rec.failures, now)
+            rec.last_error = error
+            rec.port = None
+            rec.pid = None
+            rec.measured_mb = None
+            self._apply(rec, Event.LOAD_FAILED, "load_error")
+
+    # --- unloading ----------------------------------------------------------------------------
+
+    def unload(
+        self, model_id: str, *, force: bool = False, wait: bool = False, reason: str = "manual"
+    ) -> Record:
+        """Unload a loaded model (HOT/COOLING → UNLOADING → COLD).
+
+        COLD and UNLOADING are answered as they are; WARMING and FAILED are a Conflict.
+        """
+        with self._lock:
+            rec = self._get(model_id)
+            if rec.state in SERVING:
+                self._begin_unload(rec, Event.UNLOAD_REQUESTED, reason, force=force)
+            elif rec.state is State.WARMING:
+                raise Conflict(f"model {model_id!r} is loading; unload it once it is HOT")
+            elif rec.state is State.FAILED:
+                raise Conflict(
+                    f"model {model_id!r} is FAILED ({rec.last_error}); nothing to unload"
+                )
+            elif rec.state is State.UNLOADING and force:
+                # Quick shutdown of a worker that is draining; its stop call is still running.
+                self.lifecycle.start_stop(model_id, rec.gen, force=True)
+            if wait:
+                limit = time.monotonic() + self.settings.graceful_shutdown_seconds + 30
+                while rec.state is State.UNLOADING and time.monotonic() < limit:
+                    self._changed.wait(1.0)
+            return replace(rec)
+
+    def _begin_unload(self, rec: Record, event: Event, reason: str, force: bool = False) -> None:
+        rec.unload_reason = reason
+        rec.grace_until = None
+        rec.busy = True
+        self._apply(rec, event, reason)
+        self.lifecycle.start_stop(rec.entry.model_id, rec.gen, force=force)
+
+    def retry_stop(self, model_id: str, gen: int) -> None:
+        """Run the stop of an UNLOADING model again (its earlier attempt failed)."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen or rec.state is not State.UNLOADING or rec.busy:
+                return
+            rec.busy = True
+            self.lifecycle.start_stop(model_id, gen, force=True)
+
+    def stopped(self, model_id: str, gen: int) -> None:
+        """UNLOADING → COLD: the worker stopped and its program is gone; the port is free."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen or rec.state is not State.UNLOADING:
+                return
+            self._forget_process(rec)
+            rec.busy = False
+            self._apply(rec, Event.STOPPED, rec.unload_reason or "stopped")
+            if rec.deleting:
+                self._drop(rec)
+
+    def _forget_process(self, rec: Record) -> None:
+        rec.requests_base += rec.worker_requests
+        rec.worker_requests = 0
+        rec.worker_in_flight = 0
+        rec.port = None
+        rec.pid = None
+        rec.deadline = None
+        rec.grace_until = None
+        rec.measured_mb = None
+
+    def cleaned(self, model_id: str, gen: int) -> None:
+        """A FAILED model's worker was removed; its port is free again."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen:
+                return
+            rec.busy = False
+            if rec.state is State.FAILED:
+                self._forget_process(rec)
+            if rec.deleting:
+                self._drop(rec)
+            self._changed.notify_all()
+
+    # --- TTL ----------------------------------------------------------------------------------
+
+    def extend_ttl(self, model_id: str, minutes: float) -> tuple[Record, bool]:
+        """Move the deadline to max(deadline, now) + minutes, capped at now + max TTL."""
+        with self._lock:
+            rec = self._get(model_id)
+            if rec.state not in SERVING:
+                raise Conflict(
+                    f"model {model_id!r} is {rec.state.value}; only a loaded model has a TTL"
+                )
+            if self.ttl_minutes(rec) == 0:
+                return replace(rec), False
+            now = self.clock()
+            ext = policy.extend(rec.deadline, now, minutes, self._bounds())
+            rec.deadline = ext.deadline
+            self.dirty = True
+            if rec.state is State.COOLING:
+                rec.grace_until = None
+                self._apply(rec, Event.REQUEST_ARRIVED, "extend_ttl")
+            result = replace(rec), ext.clamped
+        self.on_change()
+        return result
+
+    def touch(self, rec: Record, at: float) -> None:
+        """Activity at ``at`` (lock held): reset the deadline; COOLING goes back to HOT."""
+        rec.last_used = max(rec.last_used, at)
+        ttl = self.ttl_minutes(rec)
+        fresh = policy.deadline_after(at, ttl)
+        if fresh is not None and (rec.deadline is None or fresh > rec.deadline):
+            rec.deadline = fresh
+        self.dirty = True
+        if rec.state is State.COOLING:
+            rec.grace_until = None
+            self._apply(rec, Event.REQUEST_ARRIVED, "request")
+
+    @contextmanager
+    def in_flight(self, model_id: str) -> Iterator[Record]:
+        """Count a request the pool itself routes as in flight for its whole duration."""
+        with self._lock:
+            rec = self._get(model_id)
+            if rec.state not in SERVING:
+                raise Conflict(f"model {model_id!r} is {rec.state.value}")
+            rec.in_flight += 1
+            self.touch(rec, self.clock())
+            snap = replace(rec)
+        try:
+            yield snap
+        finally:
+            with self._lock:
+                rec.in_flight -= 1
+                self.touch(rec, self.clock())
+
+    # --- monitoring (called by the reaper) ----------------------------------------------------
+
+    def observe_worker(
+        self,
+        model_id: str,
+        gen: int,
+        requests: int,
+        in_flight: int,
+        last_at: float | None,
+        memory_mb: float | None,
+    ) -> None:
+        """Fold a worker's /health into the record (requests sent straight to its port count)."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen or rec.state not in SERVING:
+                return
+            active = requests != rec.worker_requests or in_flight > 0
+            rec.worker_requests = requests
+            rec.worker_in_flight = in_flight
+            if memory_mb is not None:
+                rec.measured_mb = memory_mb
+            if active:
+                self.touch(rec, max(last_at or 0.0, self.clock() if in_flight else 0.0))
+
+    def process_gone(self, model_id: str, gen: int, operator_stop: bool, detail: str) -> None:
+        """supervisord no longer runs a loaded model's worker."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen or rec.state not in (*SERVING, State.WARMING):
+                return
+            if operator_stop and rec.state in SERVING:
+                self._begin_unload(rec, Event.UNLOAD_REQUESTED, "operator")
+                return
+            if rec.state is State.WARMING:
+                return  # the load in progress notices and reports it with the log tail
+            rec.last_error = detail
+            rec.failures += 1
+            rec.retry_at = policy.retry_not_before(rec.failures, self.clock())
+            rec.busy = True
+            self._apply(rec, Event.PROCESS_EXITED, "crash")
+            self.lifecycle.start_cleanup(model_id, rec.gen)
+
+    def expire(self, now: float) -> None:
+        """Apply the TTL events due at ``now`` (only with auto_unload)."""
+        if not self.settings.auto_unload:
+            return
+        with self._lock:
+            grace = self.settings.grace_period_minutes * policy.MINUTE
+            for _ in range(2):  # a zero grace period cools and unloads in one pass
+                for model_id, event in policy.due_events(self._views(), now):
+                    rec = self._records[model_id]
+                    if event is Event.TTL_EXPIRED:
+                        rec.grace_until = (rec.deadline or now) + grace
+                        self._apply(rec, event, "ttl")
+                    else:
+                        self._begin_unload(rec, event, "ttl")
+
+    def next_wakeup(self) -> float | None:
+        with self._lock:
+            return policy.next_wakeup(self._views()) if self.settings.auto_unload else None
+
+    def loaded(self) -> list[tuple[str, int, str, int]]:
+        """(model id, generation, program, port) of every model with a worker."""
+        with self._lock:
+            return [
+                (r.entry.model_id, r.gen, r.program, r.port)
+                for r in self._records.values()
+                if r.state in OCCUPYING and r.port is not None
+            ]
+
+    def serving_ids(self) -> set[str]:
+        with self._lock:
+            return {m for m, r in self._records.items() if r.state in SERVING}
+
+    def unloading_idle(self) -> list[tuple[str, int, str]]:
+        """UNLOADING models whose stop is not running (for the reaper to finish)."""
+        with self._lock:
+            return [
+                (m, r.gen, r.program)
+                for m, r in self._records.items()
+                if r.state is State.UNLOADING and not r.busy
+            ]
+
+    def set_busy(self, model_id: str, gen: int, busy: bool) -> None:
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is not None and rec.gen == gen:
+                rec.busy = busy
+                self._changed.notify_all()
+
+    # --- registry and settings ----------------------------------------------------------------
+
+    def add_entry(self, entry: ModelEntry) -> None:
+        with self._lock:
+            if entry.model_id in self._records:
+                raise Conflict(f"model {entry.model_id!r} is already registered")
+            self._records[entry.model_id] = Record(
+                entry=entry, program=program_name(entry.model_id)
+            )
+            self._order.append(entry.model_id)
+
+    def replace_entries(self, entries: tuple[ModelEntry, ...]) -> None:
+        with self._lock:
+            for e in entries:
+                if e.model_id in self._records:
+                    self._records[e.model_id].entry = e
+
+    def mark_deleting(self, model_id: str) -> Record:
+        """Hide a model from new requests; unload it if loaded. Conflict while WARMING."""
+        with self._lock:
+            rec = self._get(model_id)
+            if rec.state is State.WARMING:
+                raise Conflict(f"model {model_id!r} is loading; delete it once it is HOT")
+            rec.deleting = True
+            if rec.state in SERVING:
+                self._begin_unload(rec, Event.UNLOAD_REQUESTED, "deleted")
+            elif rec.state is not State.UNLOADING and not rec.busy:
+                self._drop(rec)
+            return replace(rec)
+
+    def wait_dropped(self, model_id: str, timeout: float) -> bool:
+        limit = time.monotonic() + timeout
+        with self._lock:
+            while model_id in self._records and time.monotonic() < limit:
+                self._changed.wait(0.5)
+            return model_id not in self._records
+
+    def _drop(self, rec: Record) -> None:
+        self._records.pop(rec.entry.model_id, None)
+        self._order.remove(rec.entry.model_id)
+        self._changed.notify_all()
+
+    def set_settings(self, settings: Settings) -> None:
+        with self._lock:
+            self.settings = settings
+            self.dirty = True
+            self._changed.notify_all()
+        self.on_change()
+
+    # --- state file ---------------------------------------------------------------------------
+
+    def persisted(self) -> dict[str, Any]:
+        """What survives a control-plane restart: deadlines and counters of loaded models."""
+        with self._lock:
+            self.dirty = False
+            return {
+                "version": 1,
+                "models": {
+                    m: {
+                        "program": r.program,
+                        "port": r.port,
+                        "state": r.state.value,
+                        "deadline": r.deadline,
+                        "loaded_at": r.loaded_at,
+                        "requests": r.requests,
+                    }
+                    for m, r in self._records.items()
+                    if r.state in OCCUPYING
+                },
+            }
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` (evaluated under the lock) holds; for callers that wait."""
+        limit = time.monotonic() + timeout
+        with self._lock:
+            while not predicate():
+                remaining = limit - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(min(remaining, 0.5))
+            return True
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for ``GET /health``."""
+        with self._lock:
+            recs = list(self._records.values())
+            s = self.settings
+            in_use = {r.port for r in recs if r.port is not None}
+            return {
+                "active_models": sum(1 for r in recs if r.state in SERVING),
+                "loading_models": sum(1 for r in recs if r.state is State.WARMING),
+                "total_models": len(recs),
+                "total_memory_mb": round(sum(r.memory() for r in recs if r.state in OCCUPYING), 1),
+                "memory_limit_mb": s.memory_limit_mb,
+                "max_concurrent_models": s.max_concurrent_models,
+                "available_ports": (s.port_range.end - s.port_range.start + 1)
+                - len([p for p in in_use if s.port_range.start <= p <= s.port_range.end]),
+                "failed_models": sum(1 for r in recs if r.state is State.FAILED),
+            }

@@ -1,0 +1,162 @@
+"""The reaper: one thread that watches workers and enforces TTLs and grace periods.
+
+Each pass it asks supervisord for every process (one call), reads each loaded worker's
+``/health`` (requests sent straight to a worker's port count like any other), lets the pool
+apply the TTL events that are due, and saves the state file if anything changed. It then sleeps
+until the next deadline, at most ``MONITOR_SECONDS`` (so a dead worker is noticed within about a
+second), and wakes early when the pool signals a change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavailable
+from controlplane.adapters.worker import WorkerProbe
+from controlplane.lifecycle import log_excerpt
+from controlplane.pool import ModelPool
+from controlplane.settings import atomic_write
+
+log = logging.getLogger("modelpool.reaper")
+
+MONITOR_SECONDS = 1.0
+HEALTH_TIMEOUT = 0.5
+ALIVE = frozenset({"STARTING", "RUNNING"})
+
+
+class StateFile:
+    """The run directory's ``state.json``: deadlines that survive a control-plane restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, Any]:
+        """The saved models, or {} (a corrupt file is reported and ignored)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            models = data.get("models", {})
+            return models if isinstance(models, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning(
+                "state file %s is unreadable (%s); rebuilding from supervisord", self.path, exc
+            )
+            return {}
+
+    def write(self, data: dict[str, Any]) -> None:
+        atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True))
+
+
+class Reaper:
+    """The monitoring and TTL thread of one pool."""
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        supervisor: SupervisorClient,
+        probe: WorkerProbe,
+        host: str,
+        state_file: StateFile,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pool = pool
+        self.supervisor = supervisor
+        self.probe = probe
+        self.host = host
+        self.state_file = state_file
+        self.clock = clock
+        self.supervisor_ok = False
+        self.last_tick: float | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Called at the end of every pass (the service keeps warmup models loaded).
+        self.after_tick: Callable[[], None] = lambda: None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="modelpool-reaper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("reaper pass failed")
+            self._wake.wait(self.delay())
+            self._wake.clear()
+
+    def delay(self) -> float:
+        """Seconds until the next pass: the next deadline, capped by the monitor interval."""
+        cap = min(MONITOR_SECONDS, self.pool.settings.check_interval_seconds)
+        wakeup = self.pool.next_wakeup()
+        if wakeup is None:
+            return cap
+        return max(0.02, min(cap, wakeup - self.clock() + 0.01))
+
+    def tick(self) -> None:
+        """One pass: processes, worker health, TTL events, state file."""
+        try:
+            procs = {p.name: p for p in self.supervisor.all_processes()}
+            self.supervisor_ok = True
+        except SupervisorUnavailable as exc:
+            if self.supervisor_ok:
+                log.error("supervisord unavailable: %s", exc)
+            self.supervisor_ok = False
+            procs = None
+        serving = self.pool.serving_ids()
+        for model_id, gen, program, port in self.pool.loaded():
+            if model_id not in serving:
+                continue
+            if procs is not None:
+                info = procs.get(program)
+                if info is None or info.state not in ALIVE:
+                    self._gone(model_id, gen, program, info.state if info else None, info)
+                    continue
+            health = self.probe.health(self.host, port, HEALTH_TIMEOUT)
+            if health is not None:
+                self.pool.observe_worker(
+                    model_id,
+                    gen,
+                    health.requests_served,
+                    health.in_flight,
+                    health.last_request_at,
+                    health.memory_mb,
+                )
+        if procs is not None:
+            # An UNLOADING model whose stop call failed (supervisord was away): try again.
+            for model_id, gen, _program in self.pool.unloading_idle():
+                self.pool.retry_stop(model_id, gen)
+        self.pool.expire(self.clock())
+        if self.pool.dirty:
+            self.state_file.write(self.pool.persisted())
+        self.last_tick = self.clock()
+        self.after_tick()
+
+    def _gone(self, model_id: str, gen: int, program: str, state: str | None, info: Any) -> None:
+        if state == "STOPPED":
+            detail = "stopped by an operator"
+        elif info is None:
+            detail = f"worker {program} disappeared from supervisord"
+        else:
+            tail = log_excerpt(self.supervisor.log_tail(program))
+            detail = f"worker exited unexpectedly ({state}, exit status {info.exitstatus})" + (
+                f": {tail}" if tail else ""
+            )
+        self.pool.process_gone(model_id, gen, operator_stop=state == "STOPPED", detail=detail)

@@ -1,0 +1,249 @@
+"""PoolService: one node's pool wired to supervisord, its workers, the reaper and the config files.
+
+Also the mutations that must be persisted (register, delete, PATCH /config): each is validated
+as a whole first and changes nothing when invalid.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavailable
+from controlplane.adapters.worker import HttpWorkerProbe, WorkerProbe
+from controlplane.core.slug import PROGRAM_PREFIX
+from controlplane.core.states import State
+from controlplane.errors import BackendDown, Conflict, InvalidInput
+from controlplane.lifecycle import Workers
+from controlplane.node import Node
+from controlplane.pool import ModelPool
+from controlplane.reaper import Reaper, StateFile
+from controlplane.settings import (
+    SETTINGS_BY_NAME,
+    ConfigError,
+    ConfigStore,
+    ModelEntry,
+    Settings,
+    check_registry,
+    parse_entry,
+    parse_settings,
+)
+from model_service.spec import WorkerSpec
+
+log = logging.getLogger("modelpool.service")
+
+
+def port_checker(host: str) -> Callable[[int], bool]:
+    """Whether a port can be bound on ``host`` (as gunicorn binds: with SO_REUSEADDR)."""
+
+    def is_free(port: int) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                return False
+            return True
+
+    return is_free
+
+
+class PoolService:
+    """The pool of one node with everything it talks to."""
+
+    def __init__(
+        self,
+        store: ConfigStore,
+        run_dir: Path,
+        *,
+        supervisor: SupervisorClient | None = None,
+        probe: WorkerProbe | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        settings, entries = store.load()
+        self.store = store
+        self.node = Node.local(run_dir, settings)
+        self.pool = ModelPool(settings, entries, clock)
+        self.supervisor = supervisor or SupervisorClient(str(self.node.paths.socket))
+        self.probe = probe or HttpWorkerProbe()
+        self.workers = Workers(self.pool, self.node, self.supervisor, self.probe)
+        self.pool.lifecycle = self.workers
+        self.pool.is_port_free = port_checker(settings.bind_host)
+        self.state_file = StateFile(self.node.paths.state_file)
+        self.reaper = Reaper(
+            self.pool, self.supervisor, self.probe, settings.bind_host, self.state_file, clock
+        )
+        self.pool.on_change = self.reaper.wake
+        self.reaper.after_tick = self._keep_warm
+        self._mutate = threading.Lock()
+        self._warming: set[str] = set()
+        self._mutate_warming = threading.Lock()
+        self.started = False
+
+    # --- start and stop -----------------------------------------------------------------------
+
+    def start(self, supervisor_wait: float = 15.0) -> None:
+        """Adopt running workers, clean stale entries, start the reaper, load warmup models."""
+        self.node.paths.create()
+        procs = self._wait_supervisor(supervisor_wait)
+        self._adopt(procs)
+        self.reaper.start()
+        self.started = True
+        for model_id in self.pool.warmup_ids():
+            self._load_in_background(model_id)
+
+    def stop(self) -> None:
+        """Stop the reaper and pending tasks; workers keep running (a restart adopts them)."""
+        self.reaper.stop()
+        self.workers.stopping.set()
+        self.workers.join(5)
+        self.state_file.write(self.pool.persisted())
+
+    def _wait_supervisor(self, timeout: float) -> list[Any]:
+        limit = time.monotonic() + timeout
+        while True:
+            try:
+                return self.supervisor.all_processes()
+            except SupervisorUnavailable:
+                if time.monotonic() >= limit:
+                    raise
+                time.sleep(0.2)
+
+    def _adopt(self, procs: list[Any]) -> None:
+        """Re-adopt workers that still run; remove entries that belong to no model."""
+        saved = self.state_file.read()
+        by_program = {r.program: r.entry.model_id for r in self.pool.records()}
+        live = set()
+        for info in procs:
+            if not info.name.startswith(PROGRAM_PREFIX):
+                continue
+            model_id = by_program.get(info.name)
+            spec = self._read_spec(info.name)
+            if (
+                model_id is not None
+                and spec is not None
+                and spec.model_id == model_id
+                and info.state in ("STARTING", "RUNNING")
+            ):
+                entry = saved.get(model_id, {})
+                deadline = entry.get("deadline") if isinstance(entry, dict) else None
+                if self.pool.adopt(model_id, spec.port, info.pid, deadline):
+                    log.info("adopting model=%s program=%s port=%s", model_id, info.name, spec.port)
+                    live.add(info.name)
+                    continue
+            log.info("removing stale program %s", info.name)
+            self.workers._spawn(f"remove-{info.name}", self.workers._remove, info.name)
+            live.add(info.name)
+        for conf in self.node.paths.conf_d.glob("*.conf"):
+            if conf.stem not in live:
+                self.node.delete_program(conf.stem)
+
+    def _read_spec(self, program: str) -> WorkerSpec | None:
+        try:
+            return WorkerSpec.read(self.node.paths.spec_file(program))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _load_in_background(self, model_id: str, manual: bool = True) -> None:
+        """Load a warmup model in a thread (at most one such thread per model)."""
+        with self._mutate_warming:
+            if model_id in self._warming:
+                return
+            self._warming.add(model_id)
+
+        def run() -> None:
+            try:
+                self.pool.ensure_loaded(model_id, manual=manual)
+            except Exception as exc:
+                log.warning("warmup load of %s failed: %s", model_id, exc)
+            finally:
+                with self._mutate_warming:
+                    self._warming.discard(model_id)
+
+        self.workers._spawn(f"warmup-{model_id}", run)
+
+    def _keep_warm(self) -> None:
+        """Reload warmup models that went COLD or FAILED (respecting the failure backoff)."""
+        now = self.pool.clock()
+        for rec in self.pool.records():
+            if (
+                rec.entry.model_id in self.pool.warmup_ids()
+                and rec.state in (State.COLD, State.FAILED)
+                and not rec.busy
+                and rec.retry_at <= now
+            ):
+                self._load_in_background(rec.entry.model_id, manual=False)
+
+    def supervisor_reachable(self) -> bool:
+        try:
+            self.supervisor.state()
+        except SupervisorUnavailable:
+            return False
+        return True
+
+    # --- persisted mutations ------------------------------------------------------------------
+
+    def register(self, raw: Any) -> ModelEntry:
+        """Add a registry entry (validated against the whole registry, then saved)."""
+        try:
+            entry = parse_entry(raw, "model")
+            with self._mutate:
+                entries = (*self.pool.entries(), entry)
+                if any(e.model_id == entry.model_id for e in self.pool.entries()):
+                    raise Conflict(f"model {entry.model_id!r} is already registered")
+                check_registry(entries, self.pool.settings)
+                self.store.save_registry(entries)
+                self.pool.add_entry(entry)
+        except ConfigError as exc:
+            raise InvalidInput(str(exc)) from None
+        if entry.warmup:
+            self._load_in_background(entry.model_id)
+        return entry
+
+    def delete(self, model_id: str) -> None:
+        """Unload (draining) and remove a model; the registry file is saved without it."""
+        with self._mutate:
+            self.pool.mark_deleting(model_id)
+            remaining = tuple(e for e in self.pool.entries() if e.model_id != model_id)
+            settings = self.pool.settings
+            if model_id in settings.warmup_models:
+                settings = parse_settings(
+                    {"warmup_models": [w for w in settings.warmup_models if w != model_id]},
+                    settings,
+                )
+                self.store.save_settings(settings)
+                self.pool.set_settings(settings)
+            self.store.save_registry(remaining)
+        self.pool.wait_dropped(model_id, self.pool.settings.graceful_shutdown_seconds + 40)
+
+    def patch_config(self, raw: Any) -> tuple[Settings, list[str]]:
+        """Validate a partial config on top of the current one, save it and apply it live.
+
+        Returns the new settings and the keys that take effect only after a restart.
+        """
+        if not isinstance(raw, Mapping) or not raw:
+            raise InvalidInput("body: expected a JSON object of settings to change")
+        with self._mutate:
+            old = self.pool.settings
+            try:
+                new = parse_settings(raw, old)
+                check_registry(self.pool.entries(), new)
+            except ConfigError as exc:
+                raise InvalidInput(str(exc)) from None
+            self.store.save_settings(new)
+            self.pool.set_settings(new)
+        restart = [
+            k for k in raw if SETTINGS_BY_NAME[k].restart and getattr(old, k) != getattr(new, k)
+        ]
+        for model_id in self.pool.warmup_ids():
+            self._load_in_background(model_id)
+        return new, restart
+
+    def require_supervisor(self) -> None:
+        if not self.supervisor_reachable():
+            raise BackendDown("supervisord is not reachable", retry_after=5)

@@ -1,0 +1,287 @@
+"""The worker: one model behind an OpenAI-compatible API (``create_app(spec)``).
+
+The backend loads in a background thread; ``/health`` says ``loading`` until it is resident,
+then ``ready`` (or ``error`` with the reason). Every ``/v1`` request is counted as in flight
+until its response (streamed or not) is closed, so the control plane can see requests sent
+straight to this port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from model_service.backends import make_backend
+from model_service.backends.base import Backend, BackendError, Result
+from model_service.spec import SPEC_ENV, WorkerSpec
+
+log = logging.getLogger("modelpool.worker")
+EXT = "modelpool_worker"
+
+
+class WorkerState:
+    """Load status and request counters of this worker (thread safe)."""
+
+    def __init__(self, spec: WorkerSpec, backend: Backend) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.status = "loading"
+        self.error: str | None = None
+        self.started = time.time()
+        self.ready_at: float | None = None
+        self.requests_served = 0
+        self.in_flight = 0
+        self.last_request_at: float | None = None
+        self._lock = threading.Lock()
+        self.ready = threading.Event()
+
+    def load(self) -> None:
+        try:
+            self.backend.load()
+        except BackendError as exc:
+            self._finish("error", exc.message)
+        except Exception as exc:
+            log.exception("loading %s failed", self.spec.model_id)
+            self._finish("error", f"{type(exc).__name__}: {exc}")
+        else:
+            self._finish("ready", None)
+
+    def _finish(self, status: str, error: str | None) -> None:
+        with self._lock:
+            self.status = status
+            self.error = error
+            self.ready_at = time.time()
+        self.ready.set()
+        log.info("model=%s status=%s error=%s", self.spec.model_id, status, error)
+
+    def begin(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.last_request_at = time.time()
+
+    def end(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self.requests_served += 1
+            self.last_request_at = time.time()
+
+    def health(self) -> dict[str, Any]:
+        memory = None
+        if self.status == "ready":
+            try:
+                memory = self.backend.memory_mb()
+            except Exception:
+                memory = None
+        with self._lock:
+            return {
+                "model": self.spec.model_id,
+                "backend": self.spec.backend,
+                "status": self.status,
+                "error": self.error,
+                "uptime_seconds": round(time.time() - self.started, 1),
+                "requests_served": self.requests_served,
+                "in_flight": self.in_flight,
+                "last_request_at": self.last_request_at,
+                "memory_mb": memory,
+                "port": self.spec.port,
+                "pid": os.getpid(),
+            }
+
+
+def error_response(
+    message: str, status: int, type_: str, code: str, retry_after: int | None = None
+) -> Response:
+    resp = jsonify({"error": {"message": message, "type": type_, "code": code}})
+    resp.status_code = status
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(int(retry_after))
+    return resp
+
+
+def _bad(message: str) -> Response:
+    return error_response(message, 400, "invalid_request_error", "invalid_request")
+
+
+def create_app(
+    spec: WorkerSpec, backend: Backend | None = None, *, load_in_background: bool = True
+) -> Flask:
+    """The worker's Flask app for ``spec``; starts loading the model unless told not to."""
+    app = Flask("model_service")
+    app.config["MAX_CONTENT_LENGTH"] = spec.max_body_bytes
+    if backend is None:
+        try:
+            backend = make_backend(spec)
+        except BackendError as exc:
+            # Report it through /health (status error) rather than failing to boot, so the
+            # control plane shows the reason itself as the model's last error.
+            backend = _Unavailable(spec.backend, exc)
+    state = WorkerState(spec, backend)
+    app.extensions[EXT] = state
+
+    @app.get("/health")
+    def health() -> Response:
+        resp = jsonify(state.health())
+        resp.status_code = 200 if state.status == "ready" else 503
+        return resp
+
+    @app.get("/v1/models")
+    def models() -> Response:
+        return jsonify(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": spec.model_id,
+                        "object": "model",
+                        "created": int(state.started),
+                        "owned_by": "modelpool",
+                        "status": state.status,
+                    }
+                ],
+            }
+        )
+
+    @app.post("/v1/chat/completions")
+    def chat() -> Response:
+        return _serve("chat")
+
+    @app.post("/v1/completions")
+    def completions() -> Response:
+        return _serve("completions")
+
+    def _serve(kind: str) -> Response:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return _bad("body: expected a JSON object")
+        problem = _validate(kind, body, spec.model_id)
+        if problem is not None:
+            return problem
+        if not state.ready.wait(spec.load_timeout_seconds):
+            return error_response(
+                "model is still loading", 503, "server_error", "model_loading", retry_after=5
+            )
+        if state.status != "ready":
+            return error_response(
+                f"model failed to load: {state.error}", 503, "server_error", "load_failed", 30
+            )
+        state.begin()
+        try:
+            if kind == "chat":
+                result = state.backend.chat_completions(body)
+            else:
+                result = state.backend.completions(body)
+        except BackendError as exc:
+            state.end()
+            return error_response(exc.message, exc.status, exc.type, exc.code, exc.retry_after)
+        except BaseException:
+            state.end()
+            raise
+        return _respond(result, state)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        kinds = {413: "request_too_large", 404: "not_found", 405: "method_not_allowed"}
+        return error_response(
+            exc.description or exc.name, status, "invalid_request_error", kinds.get(status, "error")
+        )
+
+    if load_in_background:
+        threading.Thread(target=state.load, name="model-load", daemon=True).start()
+    return app
+
+
+class _Unavailable:
+    """A backend that could not be created: its load fails with the reason."""
+
+    def __init__(self, name: str, error: BackendError) -> None:
+        self.name = name
+        self.error = error
+
+    def load(self) -> None:
+        raise self.error
+
+    def unload(self) -> None:
+        return None
+
+    def memory_mb(self) -> float | None:
+        return None
+
+    def chat_completions(self, body: dict[str, Any]) -> Result:
+        raise self.error
+
+    def completions(self, body: dict[str, Any]) -> Result:
+        raise self.error
+
+
+def _validate(kind: str, body: dict[str, Any], model_id: str) -> Response | None:
+    model = body.get("model")
+    if model is not None and model != model_id:
+        return error_response(
+            f"model: this worker serves {model_id!r}, not {model!r}",
+            404,
+            "invalid_request_error",
+            "model_not_found",
+        )
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return _bad(f"stream: {body['stream']!r} is not a boolean")
+    if kind == "chat":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            return _bad("messages: expected a non-empty list of messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                return _bad(f"messages[{i}]: expected an object with a role")
+    else:
+        prompt = body.get("prompt")
+        if not (
+            isinstance(prompt, str)
+            or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+        ):
+            return _bad("prompt: expected a string or a list of strings")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        return _bad(f"max_tokens: {max_tokens!r} is not a positive integer")
+    return None
+
+
+def _respond(result: Result, state: WorkerState) -> Response:
+    if result.stream is not None:
+        resp = Response(_counted(result.stream), mimetype="text/event-stream")
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Accel-Buffering"] = "no"
+    else:
+        resp = jsonify(result.json)
+        resp.status_code = result.status
+    for k, v in result.headers.items():
+        resp.headers[k] = v
+    resp.call_on_close(state.end)
+    return resp
+
+
+def _counted(stream: Iterator[bytes]) -> Iterator[bytes]:
+    """Pass chunks through; closing this generator closes the backend's stream."""
+    try:
+        yield from stream
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
+def create_app_from_env() -> Flask:
+    """The gunicorn entry point: read the spec named by ``MODELPOOL_SPEC``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    path = os.environ.get(SPEC_ENV)
+    if not path:
+        raise SystemExit(f"{SPEC_ENV} is not set: it must name the worker's spec file")
+    return create_app(WorkerSpec.read(path))

@@ -1,0 +1,456 @@
+"""The Ollama backend: one model on an Ollama server, driven through Ollama's native API.
+
+Ollama's OpenAI-compatible ``/v1`` endpoints ignore ``keep_alive`` and let a model expire after
+Ollama's own default (five minutes), under the pool's feet. So this backend translates OpenAI
+requests to ``/api/chat`` and ``/api/generate`` and pins the model with ``keep_alive: -1`` on
+every call: the pool, not Ollama, decides when the model goes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Final
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from model_service.backends import SSE_DONE, ClosingStream, sse_error, sse_event
+from model_service.backends.base import BackendError, BackendUnavailable, Result
+from model_service.spec import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+KEEP_FOREVER: Final = -1
+CONNECT_TIMEOUT: Final = 5.0
+#: A non-streamed answer arrives only once the whole generation is done, so reads may be slow.
+READ_TIMEOUT: Final = 600.0
+#: Unload and /api/ps are bookkeeping calls: answer quickly or be skipped.
+CONTROL_TIMEOUT: Final = (2.0, 10.0)
+MIB: Final = 1024 * 1024
+
+# OpenAI sampling parameters Ollama takes under the same name in ``options``. None of them is a
+# runner option, so a request setting them does not make Ollama reload the model.
+_SAMPLING_KEYS: Final = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+
+
+def _invalid(message: str) -> BackendError:
+    return BackendError(message, status=400, type="invalid_request_error", code="invalid_request")
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # Ollama is a local service: a proxy from the environment must not sit in between.
+    session.trust_env = False
+    # A threaded worker runs many requests at once; keep that many connections pooled.
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=64)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _same_model(listed: Any, wanted: str) -> bool:
+    # Ollama reports "llama3" as "llama3:latest".
+    def full(name: str) -> str:
+        return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+
+    return isinstance(listed, str) and full(listed) == full(wanted)
+
+
+def _short_reason(exc: Exception) -> str:
+    # requests wraps the socket error in several layers; the errno text is what a reader needs.
+    text = str(exc)
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    return match.group(1).strip() if match else text
+
+
+def _ollama_message(response: requests.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return str(data["error"])
+    return response.text.strip()[:500] or response.reason or f"HTTP {response.status_code}"
+
+
+def _finish_reason(final: dict[str, Any]) -> str:
+    return "length" if final.get("done_reason") == "length" else "stop"
+
+
+def _usage(final: dict[str, Any]) -> dict[str, int]:
+    # Ollama leaves prompt_eval_count out when the whole prompt came from its cache.
+    prompt = int(final.get("prompt_eval_count") or 0)
+    completion = int(final.get("eval_count") or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+def _chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI chat messages as Ollama takes them: text content, images as base64."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages: must be a non-empty list of message objects")
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _invalid(f"messages[{i}]: must be an object, got {type(message).__name__}")
+        content = message.get("content")
+        translated: dict[str, Any] = {"role": message.get("role"), "content": ""}
+        if isinstance(content, str):
+            translated["content"] = content
+        elif isinstance(content, list):
+            texts: list[str] = []
+            images: list[str] = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    texts.append(str(part.get("text") or ""))
+                elif kind == "image_url":
+                    image = part.get("image_url")
+                    url = image.get("url") if isinstance(image, dict) else image
+                    if not isinstance(url, str) or not url.startswith("data:") or "," not in url:
+                        raise _invalid(
+                            f"messages[{i}].content[{j}]: Ollama takes images as data: URLs only"
+                        )
+                    images.append(url.split(",", 1)[1])
+                else:
+                    raise _invalid(f"messages[{i}].content[{j}]: unsupported part type {kind!r}")
+            translated["content"] = "\n".join(texts)
+            if images:
+                translated["images"] = images
+        elif content is not None:
+            raise _invalid(f"messages[{i}].content: must be a string or a list of parts")
+        out.append(translated)
+    return out
+
+
+def _response_format(body: dict[str, Any]) -> Any:
+    """OpenAI ``response_format`` as Ollama's ``format`` ("json" or a JSON schema), or None."""
+    spec = body.get("response_format")
+    if not isinstance(spec, dict):
+        return None
+    if spec.get("type") == "json_object":
+        return "json"
+    if spec.get("type") == "json_schema":
+        schema = spec.get("json_schema")
+        return schema.get("schema") if isinstance(schema, dict) else None
+    return None
+
+
+class OllamaBackend:
+    """One model on an Ollama server (``spec.ollama_base_url``), served OpenAI-style.
+
+    ``spec.options`` go to Ollama as ``options`` on every call, load included, unchanged: Ollama
+    reloads a model when a runner option such as ``num_ctx`` differs from the loaded one.
+    Per-request sampling parameters are merged on top of them.
+    """
+
+    name: str = "ollama"
+
+    def __init__(self, spec: WorkerSpec, session: requests.Session | None = None) -> None:
+        self.spec = spec
+        # The native API lives at the server root; accept a base URL given with the /v1 suffix.
+        self.base_url = spec.ollama_base_url.strip().rstrip("/").removesuffix("/v1").rstrip("/")
+        self.model = spec.backend_model
+        self._options: dict[str, Any] = dict(spec.options)
+        self._session = session or _new_session()
+        self._read_timeout = max(READ_TIMEOUT, spec.load_timeout_seconds)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        payload = {
+            "model": self.model,
+            "keep_alive": KEEP_FOREVER,
+            "options": self._options,
+            "stream": False,
+        }
+        timeout = self.spec.load_timeout_seconds
+        try:
+            response = self._session.post(
+                self.base_url + "/api/generate", json=payload, timeout=(CONNECT_TIMEOUT, timeout)
+            )
+        except requests.ConnectionError as exc:
+            raise self._unreachable(exc) from exc
+        except requests.Timeout as exc:
+            raise BackendError(
+                f"Ollama at {self.base_url} did not load model {self.model!r} "
+                f"within {timeout:g} s",
+                status=504,
+                type="timeout",
+                code="load_timeout",
+            ) from exc
+        with response:
+            if response.status_code != 200:
+                raise self._http_error(response, "load")
+
+    def unload(self) -> None:
+        payload = {"model": self.model, "keep_alive": 0}
+        try:
+            self._session.post(
+                self.base_url + "/api/generate", json=payload, timeout=CONTROL_TIMEOUT
+            ).close()
+        except requests.RequestException as exc:
+            # Best effort: the worker is stopping either way, and Ollama may be gone already.
+            log.warning("unloading %s from Ollama at %s failed: %s", self.model, self.base_url, exc)
+
+    def memory_mb(self) -> float | None:
+        try:
+            response = self._session.get(self.base_url + "/api/ps", timeout=CONTROL_TIMEOUT)
+            response.raise_for_status()
+            models = response.json().get("models") or []
+        except (requests.RequestException, ValueError, AttributeError):
+            return None
+        for entry in models:
+            if not isinstance(entry, dict):
+                continue
+            if _same_model(entry.get("name"), self.model) or _same_model(
+                entry.get("model"), self.model
+            ):
+                size = entry.get("size")
+                return size / MIB if isinstance(size, int | float) else None
+        return None
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def chat_completions(self, body: dict[str, Any]) -> Result:
+        stream = bool(body.get("stream"))
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": _chat_messages(body),
+            "stream": stream,
+            "keep_alive": KEEP_FOREVER,
+            "options": self._request_options(body),
+        }
+        fmt = _response_format(body)
+        if fmt is not None:
+            payload["format"] = fmt
+        response = self._post("/api/chat", payload, stream=stream)
+        if stream:
+            chunks = self._translate_stream(response, body, chat=True)
+            return Result(stream=ClosingStream(chunks, response.close))
+        data = self._json(response)
+        message = data.get("message") if isinstance(data.get("message"), dict) else {}
+        answer = {
+            "id": "chatcmpl-" + uuid.uuid4().hex[:24],
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.spec.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": message.get("content") or ""},
+                    "finish_reason": _finish_reason(data),
+                }
+            ],
+            "usage": _usage(data),
+        }
+        return Result(json=answer)
+
+    def completions(self, body: dict[str, Any]) -> Result:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _invalid("prompt: must be a string (one prompt per request)")
+        stream = bool(body.get("stream"))
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "stream": stream,
+            "keep_alive": KEEP_FOREVER,
+            "options": self._request_options(body),
+        }
+        if isinstance(body.get("suffix"), str):
+            payload["suffix"] = body["suffix"]
+        response = self._post("/api/generate", payload, stream=stream)
+        if stream:
+            chunks = self._translate_stream(response, body, chat=False)
+            return Result(stream=ClosingStream(chunks, response.close))
+        data = self._json(response)
+        answer = {
+            "id": "cmpl-" + uuid.uuid4().hex[:24],
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.spec.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": str(data.get("response") or ""),
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(data),
+                }
+            ],
+            "usage": _usage(data),
+        }
+        return Result(json=answer)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _request_options(self, body: dict[str, Any]) -> dict[str, Any]:
+        options = dict(self._options)
+        for key in _SAMPLING_KEYS:
+            value = body.get(key)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise _invalid(f"{key}: must be a number, got {value!r}")
+                options[key] = value
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+                raise _invalid(f"max_tokens: must be a positive integer, got {max_tokens!r}")
+            options["num_predict"] = max_tokens
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            options["stop"] = [stop]
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            options["stop"] = list(stop)
+        elif stop is not None:
+            raise _invalid(f"stop: must be a string or a list of strings, got {stop!r}")
+        return options
+
+    def _post(self, path: str, payload: dict[str, Any], *, stream: bool) -> requests.Response:
+        try:
+            response = self._session.post(
+                self.base_url + path,
+                json=payload,
+                stream=stream,
+                timeout=(CONNECT_TIMEOUT, self._read_timeout),
+            )
+        except requests.ConnectionError as exc:
+            raise self._unreachable(exc) from exc
+        except requests.Timeout as exc:
+            raise BackendError(
+                f"Ollama at {self.base_url} did not answer for model {self.model!r} "
+                f"within {self._read_timeout:g} s",
+                status=504,
+                type="timeout",
+                code="backend_timeout",
+            ) from exc
+        if response.status_code != 200:
+            with response:
+                raise self._http_error(response, "run")
+        return response
+
+    def _json(self, response: requests.Response) -> dict[str, Any]:
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise BackendError(f"Ollama at {self.base_url} answered with something not JSON")
+        return data
+
+    def _unreachable(self, exc: Exception) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"Ollama is not reachable at {self.base_url} ({_short_reason(exc)}); "
+            f"is `ollama serve` running there?"
+        )
+
+    def _http_error(self, response: requests.Response, action: str) -> BackendError:
+        message = _ollama_message(response)
+        where = f"Ollama at {self.base_url}"
+        if response.status_code == 404:
+            return BackendError(
+                f"model {self.model!r} is not available in {where}: {message}; "
+                f"fetch it with `ollama pull {self.model}`",
+                status=404,
+                type="invalid_request_error",
+                code="model_not_found",
+            )
+        if response.status_code == 400:
+            return _invalid(f"{where} rejected the request for model {self.model!r}: {message}")
+        if response.status_code == 503:
+            # Ollama answers 503 when its request queue is full: worth a retry later.
+            return BackendUnavailable(f"{where} is busy: {message}")
+        return BackendError(
+            f"{where} failed to {action} model {self.model!r}: "
+            f"HTTP {response.status_code}: {message}"
+        )
+
+    def _ndjson(self, response: requests.Response) -> Iterator[dict[str, Any]]:
+        """Ollama's streamed objects as they arrive, up to the one marked done."""
+        for line in response.iter_lines():
+            if not line:
+                continue
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise BackendError(f"Ollama at {self.base_url} streamed something not an object")
+            if "error" in obj:
+                raise BackendError(f"Ollama at {self.base_url} failed mid-answer: {obj['error']}")
+            yield obj
+            if obj.get("done"):
+                return
+        raise BackendError(f"Ollama at {self.base_url} ended the answer before it was done")
+
+    def _translate_stream(
+        self, response: requests.Response, body: dict[str, Any], *, chat: bool
+    ) -> Iterator[bytes]:
+        """Ollama's NDJSON stream as OpenAI SSE chunks, one chunk per piece as it arrives."""
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        head = {
+            "id": ident,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.spec.model_id,
+        }
+
+        def chunk(piece: str | None, finish_reason: str | None = None) -> bytes:
+            if chat:
+                delta = {} if piece is None else {"content": piece}
+                choice: dict[str, Any] = {"index": 0, "delta": delta}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None}
+            choice["finish_reason"] = finish_reason
+            return sse_event({**head, "choices": [choice]})
+
+        try:
+            if chat:  # OpenAI streams open with the role
+                yield sse_event(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+            final: dict[str, Any] = {}
+            for obj in self._ndjson(response):
+                message = obj.get("message")
+                piece = message.get("content") if chat and isinstance(message, dict) else None
+                if not chat:
+                    piece = obj.get("response")
+                if piece:
+                    yield chunk(str(piece))
+                if obj.get("done"):
+                    final = obj
+            yield chunk(None, _finish_reason(final))
+            if _wants_usage(body):
+                yield sse_event({**head, "choices": [], "usage": _usage(final)})
+        except (requests.RequestException, BackendError, ValueError) as exc:
+            # The status line is gone already: tell the client in the stream itself.
+            message = exc.message if isinstance(exc, BackendError) else str(exc)
+            log.warning("stream from Ollama at %s broke: %s", self.base_url, message)
+            yield sse_error(message)
+        finally:
+            response.close()
+        yield SSE_DONE
