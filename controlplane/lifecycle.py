@@ -143,9 +143,12 @@ class Workers(Lifecycle):
                 return None
             health = self.probe.health(host, port, 1.0)
             if health is not None and health.status == "ready":
-                self.pool.became_ready(
-                    model_id, gen, health.memory_mb, health.pid, health.requests_served
-                )
+                # The pid an operator sees in supervisorctl: gunicorn's master, not its worker.
+                try:
+                    pid: int | None = self.supervisor.process(program).pid
+                except SupervisorError:
+                    pid = None
+                self.pool.became_ready(model_id, gen, health.memory_mb, pid, health.requests_served)
                 return None
             if health is not None and health.status == "error":
                 return f"worker reported: {health.error or 'unknown error'}"

@@ -199,7 +199,7 @@ class _Server(ThreadingHTTPServer):
                 self._conns.pop(threading.current_thread(), None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients may hang up any time
+        if not isinstance(sys.exc_info()[1], OSError):  # clients may hang up any time
             super().handle_error(request, client_address)
 
     def close_connections(self, timeout: float) -> None:
@@ -461,7 +461,8 @@ class OllamaStandin:
     def _paced(self, pieces: list[str]) -> Iterator[str]:
         for piece in pieces:
             if self.token_delay > 0 and self._stopping.wait(self.token_delay):
-                return
+                # Stopping mid-answer is a crash as clients see it: no final object, no [DONE].
+                raise ConnectionAbortedError("stand-in stopping")
             yield piece
 
     # -- HTTP --------------------------------------------------------------------------------
@@ -503,8 +504,8 @@ class OllamaStandin:
             else:
                 payload = {"error": exc.message}
             h.send_json(exc.status, payload)
-        except ConnectionError:
-            h.close_connection = True  # the client went away mid-answer
+        except OSError:
+            h.close_connection = True  # the client went away, or stop() cut the connection
 
     def _root(self, h: _Handler, body: dict[str, Any]) -> None:
         h.send_bytes(200, b"Ollama is running", "text/plain; charset=utf-8")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flask import Blueprint, Response, current_app, jsonify
 
 from controlplane.service import PoolService
@@ -17,5 +19,6 @@ def health() -> tuple[Response, int]:
     data["status"] = "healthy" if reachable and svc.started else "degraded"
     data["supervisord"] = "ok" if reachable else "unreachable"
     data["reaper_last_pass"] = svc.reaper.last_tick
+    data["pid"] = os.getpid()
     ordered = {"status": data.pop("status"), **data}
     return jsonify(ordered), 200 if ordered["status"] == "healthy" else 503

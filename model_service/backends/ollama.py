@@ -187,8 +187,7 @@ class OllamaBackend:
             raise self._unreachable(exc) from exc
         except requests.Timeout as exc:
             raise BackendError(
-                f"Ollama at {self.base_url} did not load model {self.model!r} "
-                f"within {timeout:g} s",
+                f"Ollama at {self.base_url} did not load model {self.model!r} within {timeout:g} s",
                 status=504,
                 type="timeout",
                 code="load_timeout",
@@ -243,7 +242,8 @@ class OllamaBackend:
             chunks = self._translate_stream(response, body, chat=True)
             return Result(stream=ClosingStream(chunks, response.close))
         data = self._json(response)
-        message = data.get("message") if isinstance(data.get("message"), dict) else {}
+        message = data.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
         answer = {
             "id": "chatcmpl-" + uuid.uuid4().hex[:24],
             "object": "chat.completion",
@@ -252,7 +252,7 @@ class OllamaBackend:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": message.get("content") or ""},
+                    "message": {"role": "assistant", "content": content or ""},
                     "finish_reason": _finish_reason(data),
                 }
             ],
@@ -384,19 +384,21 @@ class OllamaBackend:
         )
 
     def _ndjson(self, response: requests.Response) -> Iterator[dict[str, Any]]:
-        """Ollama's streamed objects as they arrive, up to the one marked done."""
+        """Ollama's streamed objects as they arrive; the last one is marked done."""
+        done = False
+        # Read to the end of the body, past the done object, so the connection can be reused.
         for line in response.iter_lines():
-            if not line:
+            if not line or done:
                 continue
             obj = json.loads(line)
             if not isinstance(obj, dict):
                 raise BackendError(f"Ollama at {self.base_url} streamed something not an object")
             if "error" in obj:
                 raise BackendError(f"Ollama at {self.base_url} failed mid-answer: {obj['error']}")
+            done = bool(obj.get("done"))
             yield obj
-            if obj.get("done"):
-                return
-        raise BackendError(f"Ollama at {self.base_url} ended the answer before it was done")
+        if not done:
+            raise BackendError(f"Ollama at {self.base_url} ended the answer before it was done")
 
     def _translate_stream(
         self, response: requests.Response, body: dict[str, Any], *, chat: bool
@@ -448,8 +450,11 @@ class OllamaBackend:
                 yield sse_event({**head, "choices": [], "usage": _usage(final)})
         except (requests.RequestException, BackendError, ValueError) as exc:
             # The status line is gone already: tell the client in the stream itself.
-            message = exc.message if isinstance(exc, BackendError) else str(exc)
-            log.warning("stream from Ollama at %s broke: %s", self.base_url, message)
+            if isinstance(exc, BackendError):
+                message = exc.message
+            else:
+                message = f"the answer from Ollama at {self.base_url} broke off: {exc}"
+            log.warning("%s (model %s)", message, self.model)
             yield sse_error(message)
         finally:
             response.close()

@@ -1,0 +1,51 @@
+"""Shared fixtures: the Ollama stand-in and real modelpool stacks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.ollama_standin import OllamaStandin
+from tests.stack import Stack
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[OllamaStandin]:
+    """The stand-in for Ollama (the one external service), on a free loopback port."""
+    server = OllamaStandin(load_delay=0.2)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def make_stack(standin: OllamaStandin) -> Iterator[Callable[..., Stack]]:
+    """Start stacks for a test module; each is brought down and checked for leaks after it."""
+    stacks: list[Stack] = []
+
+    def make(models: list[dict[str, Any]], settings: dict[str, Any] | None = None) -> Stack:
+        stack = Stack(models, settings, ollama_url=standin.url)
+        stacks.append(stack)
+        return stack.up()
+
+    yield make
+    leaks = []
+    for stack in stacks:
+        leaks += stack.down()
+        stack.cleanup()
+    assert not leaks, f"processes left running after modelpool down: {leaks}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """A test must not leave a non-daemon thread of its own running."""
+    before = set(threading.enumerate())
+    yield
+    left = [
+        t for t in threading.enumerate()
+        if t not in before and t.is_alive() and not t.daemon
+    ]
+    assert not left, f"threads left running: {left}"
