@@ -143,7 +143,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             resp = requests.get(url + "/health", timeout=2)
             if resp.status_code == 200 and resp.json().get("status") == "healthy":
                 print(f"modelpool is up: control plane {url}, run dir {node.paths.run_dir}")
-                print(f"supervisorctl -c {node.paths.conf} status")
+                print(
+                    f"{Path(sys.executable).parent / 'supervisorctl'} -c {node.paths.conf} status"
+                )
                 return 0
         except (requests.RequestException, ValueError):
             pass

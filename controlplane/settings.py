@@ -8,6 +8,7 @@ names the key and the value and says what was expected; nothing is clamped silen
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -33,15 +34,16 @@ class ConfigError(ValueError):
 
 
 def _number(key: str, value: Any, *, minimum: float | None = None, integer: bool = False) -> Any:
-    ok_types: tuple[type, ...] = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_types):
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok:
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{key}: {value!r} is not {kind}")
-    if value != value or value in (float("inf"), float("-inf")):
+    number: float = value
+    if not math.isfinite(number):
         raise ConfigError(f"{key}: {value!r} is not a finite number")
-    if minimum is not None and value < minimum:
+    if minimum is not None and number < minimum:
         raise ConfigError(f"{key}: {value!r} is below the minimum {minimum}")
-    return value if integer else float(value)
+    return value if integer else float(number)
 
 
 def _bool(key: str, value: Any) -> bool:

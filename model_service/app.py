@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -256,7 +255,9 @@ def _validate(kind: str, body: dict[str, Any], model_id: str) -> Response | None
 
 def _respond(result: Result, state: WorkerState) -> Response:
     if result.stream is not None:
-        resp = Response(_counted(result.stream), mimetype="text/event-stream")
+        # werkzeug closes the iterable when the response is closed (end, or client gone), which
+        # releases the backend's stream even if it was never started.
+        resp = Response(result.stream, mimetype="text/event-stream")
         resp.headers["Cache-Control"] = "no-cache"
         resp.headers["X-Accel-Buffering"] = "no"
     else:
@@ -266,16 +267,6 @@ def _respond(result: Result, state: WorkerState) -> Response:
         resp.headers[k] = v
     resp.call_on_close(state.end)
     return resp
-
-
-def _counted(stream: Iterator[bytes]) -> Iterator[bytes]:
-    """Pass chunks through; closing this generator closes the backend's stream."""
-    try:
-        yield from stream
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
 
 
 def create_app_from_env() -> Flask:

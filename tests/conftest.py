@@ -44,8 +44,5 @@ def no_leaked_threads() -> Iterator[None]:
     """A test must not leave a non-daemon thread of its own running."""
     before = set(threading.enumerate())
     yield
-    left = [
-        t for t in threading.enumerate()
-        if t not in before and t.is_alive() and not t.daemon
-    ]
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     assert not left, f"threads left running: {left}"

@@ -119,10 +119,18 @@ class Stack:
 
     # --- processes ----------------------------------------------------------------------------
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [
-            sys.executable, "-m", "controlplane.cli",
-            "--config-dir", str(self.config_dir), "--run-dir", str(self.run_dir), *args,
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "--config-dir",
+            str(self.config_dir),
+            "--run-dir",
+            str(self.run_dir),
+            *args,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         if check and proc.returncode != 0:
@@ -151,13 +159,24 @@ class Stack:
 
     def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(self.run_dir / "supervisord.conf"), *args],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "supervisor.supervisorctl",
+                "-c",
+                str(self.run_dir / "supervisord.conf"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     # --- HTTP ---------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, json: Any = None, timeout: float = 60) -> requests.Response:
+    def request(
+        self, method: str, path: str, json: Any = None, timeout: float = 60
+    ) -> requests.Response:
         return requests.request(method, self.url + path, json=json, timeout=timeout)
 
     def get(self, path: str, **kw: Any) -> requests.Response:

@@ -215,7 +215,9 @@ def test_extend_ttl_clamps_and_wakes_cooling_models() -> None:
 
 
 def test_eviction_of_lru_at_the_model_limit() -> None:
-    pool, fake, clock = make([ModelEntry("a"), ModelEntry("b"), ModelEntry("c")], max_concurrent_models=2)
+    pool, fake, clock = make(
+        [ModelEntry("a"), ModelEntry("b"), ModelEntry("c")], max_concurrent_models=2
+    )
     hot(pool, fake, "a")
     clock.now += 1
     hot(pool, fake, "b")
@@ -277,7 +279,7 @@ def test_stale_reports_from_an_old_generation_change_nothing() -> None:
 
 
 def test_unload_conflicts() -> None:
-    pool, fake, _ = make([ModelEntry("a")])
+    pool, _fake, _ = make([ModelEntry("a")])
     assert pool.unload("a").state is State.COLD  # nothing to do
     pool.ensure_loaded("a", wait=False)
     with pytest.raises(Conflict, match="loading"):
@@ -301,8 +303,13 @@ def test_request_during_unloading_waits_and_reloads() -> None:
 
 
 def test_ports_are_allocated_and_freed() -> None:
-    pool, fake, _ = make(
-        [ModelEntry("w1", warmup=True), ModelEntry("w2", warmup=True), ModelEntry("x"), ModelEntry("p", port=8070)]
+    pool, _fake, _ = make(
+        [
+            ModelEntry("w1", warmup=True),
+            ModelEntry("w2", warmup=True),
+            ModelEntry("x"),
+            ModelEntry("p", port=8070),
+        ]
     )
     for m in ("x", "w2", "p", "w1"):
         pool.ensure_loaded(m, wait=False)

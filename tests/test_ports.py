@@ -5,7 +5,12 @@ import pytest
 from controlplane.core.ports import PortRequest, PortUnavailableError, choose_port, warmup_ports
 
 
-def req(model: str, pinned: int | None = None, warm: tuple[str, ...] = (), others: set[int] | None = None) -> PortRequest:
+def req(
+    model: str,
+    pinned: int | None = None,
+    warm: tuple[str, ...] = (),
+    others: set[int] | None = None,
+) -> PortRequest:
     return PortRequest(model, pinned, warm, others or set())
 
 

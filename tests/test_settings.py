@@ -37,14 +37,23 @@ def test_defaults_are_the_seeds() -> None:
         ({"nope": 1}, "nope: unknown key"),
         ({"default_ttl_minutes": "ten"}, "default_ttl_minutes: 'ten' is not a number"),
         ({"min_ttl_minutes": -1}, "min_ttl_minutes: -1 is below the minimum 0"),
-        ({"max_ttl_minutes": 1, "min_ttl_minutes": 2}, "max_ttl_minutes: 1.0 is below min_ttl_minutes 2.0"),
-        ({"port_range": {"start": 8051, "end": 8040}}, "port_range.end: 8040 is below port_range.start 8051"),
+        (
+            {"max_ttl_minutes": 1, "min_ttl_minutes": 2},
+            "max_ttl_minutes: 1.0 is below min_ttl_minutes 2.0",
+        ),
+        (
+            {"port_range": {"start": 8051, "end": 8040}},
+            "port_range.end: 8040 is below port_range.start 8051",
+        ),
         ({"port_range": {"start": 8051, "stop": 9}}, "port_range.stop: unknown key"),
         ({"port_range": {"start": 70000}}, "port_range.start: 70000 is not a TCP port"),
         ({"max_concurrent_models": 0}, "max_concurrent_models: 0 is below the minimum 1"),
         ({"max_concurrent_models": 2.5}, "max_concurrent_models: 2.5 is not an integer"),
         ({"auto_unload": "yes"}, "auto_unload: 'yes' is not a boolean"),
-        ({"ollama_base_url": "localhost:11434"}, "ollama_base_url: 'localhost:11434' is not an http"),
+        (
+            {"ollama_base_url": "localhost:11434"},
+            "ollama_base_url: 'localhost:11434' is not an http",
+        ),
         ({"control_port": 8060}, "control_port: 8060 is inside port_range 8051-8099"),
         ({"warmup_models": "qwen"}, "warmup_models: 'qwen' is not a list"),
         ({"check_interval_seconds": True}, "check_interval_seconds: True is not a number"),
@@ -101,13 +110,31 @@ def test_registry_cross_checks() -> None:
 
 def test_seed_json_files_are_read(tmp_path: Path) -> None:
     (tmp_path / "model_pool_config.json").write_text(
-        json.dumps({"default_ttl_minutes": 15, "warmup_models": ["qwen2.5-coder:7b"],
-                    "port_range": {"start": 8051, "end": 8099}, "auto_unload": True})
+        json.dumps(
+            {
+                "default_ttl_minutes": 15,
+                "warmup_models": ["qwen2.5-coder:7b"],
+                "port_range": {"start": 8051, "end": 8099},
+                "auto_unload": True,
+            }
+        )
     )
     (tmp_path / "model_pool_registry.json").write_text(
-        json.dumps({"models": [{"model_id": "qwen2.5-coder:7b", "display_name": "Qwen",
-                                "model_type": "code", "warmup": True, "ttl_minutes": 0,
-                                "priority": "high", "tags": ["code"]}]})
+        json.dumps(
+            {
+                "models": [
+                    {
+                        "model_id": "qwen2.5-coder:7b",
+                        "display_name": "Qwen",
+                        "model_type": "code",
+                        "warmup": True,
+                        "ttl_minutes": 0,
+                        "priority": "high",
+                        "tags": ["code"],
+                    }
+                ]
+            }
+        )
     )
     settings, entries = ConfigStore(tmp_path).load()
     assert settings.warmup_models == ("qwen2.5-coder:7b",)

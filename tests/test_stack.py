@@ -137,7 +137,10 @@ def test_concurrent_first_loads_start_one_worker(stack: Stack) -> None:
     assert stack.state(model) == "HOT"
     # Model ids with '/' work URL-encoded too.
     assert stack.get("/models/library%2Fllama3.1%3A8b").json()["state"] == "HOT"
-    assert stack.post("/models/library%2Fllama3.1%3A8b/unload", {"wait": True}).json()["state"] == "COLD"
+    assert (
+        stack.post("/models/library%2Fllama3.1%3A8b/unload", {"wait": True}).json()["state"]
+        == "COLD"
+    )
 
 
 def test_extend_ttl_clamps_to_max(stack: Stack) -> None:
@@ -178,8 +181,12 @@ def test_errors_in_the_openai_shape(stack: Stack) -> None:
     assert set(err) == {"message", "type", "code"} and "nope:1b" in err["message"]
     r = stack.request("POST", "/models/qwen2.5-coder:7b/load", json=None)
     assert r.status_code in (200, 202)
-    r = requests.post(stack.url + "/models/register", data="{not json", timeout=5,
-                      headers={"Content-Type": "application/json"})
+    r = requests.post(
+        stack.url + "/models/register",
+        data="{not json",
+        timeout=5,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
@@ -217,7 +224,12 @@ def test_patch_config_validates_and_applies_live(stack: Stack) -> None:
     r = stack.request("PATCH", "/config", json={"default_ttl_minutes": 7.5})
     assert r.status_code == 200 and r.json()["config"]["default_ttl_minutes"] == 7.5
     assert stack.get("/config").json()["default_ttl_minutes"] == 7.5
-    assert yaml.safe_load((stack.config_dir / "model_pool_config.yaml").read_text())["default_ttl_minutes"] == 7.5
+    assert (
+        yaml.safe_load((stack.config_dir / "model_pool_config.yaml").read_text())[
+            "default_ttl_minutes"
+        ]
+        == 7.5
+    )
 
 
 def test_metrics(stack: Stack) -> None:

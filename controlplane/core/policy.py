@@ -188,5 +188,5 @@ def retry_not_before(failures: int, failed_at: float) -> float:
     """
     if failures <= FREE_RETRIES:
         return failed_at
-    delay = BACKOFF_BASE_SECONDS * 2 ** (failures - FREE_RETRIES - 1)
+    delay = BACKOFF_BASE_SECONDS * 2.0 ** (failures - FREE_RETRIES - 1)
     return failed_at + min(delay, BACKOFF_MAX_SECONDS)
