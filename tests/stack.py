@@ -81,7 +81,7 @@ class Stack:
 
     def __init__(
         self,
-        models: list[dict[str, Any]],
+        models: list[dict[str, Any]] | Callable[[Stack], list[dict[str, Any]]],
         settings: dict[str, Any] | None = None,
         ollama_url: str = "http://127.0.0.1:9",
     ) -> None:
@@ -108,6 +108,8 @@ class Stack:
         }
         config.update(settings or {})
         self.write_config(config)
+        if callable(models):  # entries that depend on this stack's ports
+            models = models(self)
         (self.config_dir / "model_pool_registry.yaml").write_text(
             yaml.safe_dump({"models": models}, sort_keys=False)
         )

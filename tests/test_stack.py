@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import openai
 import pytest
 import requests
 import yaml
@@ -77,6 +78,29 @@ def test_load_serve_and_count_direct_requests(stack: Stack, standin: OllamaStand
     assert after["deadline"] > before["deadline"]
     # Memory comes from Ollama's own report (/api/ps), not the registry estimate.
     assert after["memory_source"] == "measured" and after["memory_mb"] > 0
+
+
+def test_openai_client_chats_and_streams_through_a_worker_port(stack: Stack) -> None:
+    m = stack.load("qwen2.5-coder:7b")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{m['port']}/v1", api_key="unused")
+    answer = client.chat.completions.create(
+        model="qwen2.5-coder:7b", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert answer.choices[0].message.content and answer.usage is not None
+    assert answer.usage.completion_tokens == 3
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="qwen2.5-coder:7b", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        if c.choices
+    ]
+    assert len(pieces) > 2 and "".join(pieces).strip()
+    done = client.completions.create(model="qwen2.5-coder:7b", prompt="def f(", max_tokens=2)
+    assert done.choices[0].text
+    assert [x.id for x in client.models.list()] == ["qwen2.5-coder:7b"]
+    # In flight is back to zero once the stream is closed.
+    wait_until(lambda: stack.model("qwen2.5-coder:7b")["in_flight"] == 0, timeout=3)
 
 
 def test_full_lifecycle_with_short_ttl(stack: Stack, standin: OllamaStandin) -> None:
