@@ -17,11 +17,13 @@ from typing import Any
 from controlplane.adapters.supervisord import (
     SupervisorClient,
     SupervisorError,
+    SupervisorUnavailable,
     UnknownProgram,
 )
 from controlplane.adapters.worker import WorkerProbe
 from controlplane.node import Node
 from controlplane.pool import Lifecycle, ModelPool
+from controlplane.settings import ModelEntry
 from model_service.spec import WorkerSpec
 
 log = logging.getLogger("modelpool.lifecycle")
@@ -57,11 +59,16 @@ class Workers(Lifecycle):
         self.stopping = threading.Event()
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
+        self._program_locks: dict[str, threading.Lock] = {}
 
-    def _spawn(self, name: str, fn: Callable[..., None], *args: Any) -> None:
+    def spawn(self, name: str, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` in a daemon thread that is tracked for ``join``."""
+
         def run() -> None:
             try:
                 fn(*args)
+            except _Abandoned:
+                pass
             except Exception:
                 log.exception("lifecycle task %s failed", name)
             finally:
@@ -86,13 +93,21 @@ class Workers(Lifecycle):
     # --- Lifecycle ----------------------------------------------------------------------------
 
     def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
-        self._spawn(f"load-{model_id}", self._load, model_id, gen, adopt)
+        self.spawn(f"load-{model_id}", self._load, model_id, gen, adopt)
 
     def start_stop(self, model_id: str, gen: int, force: bool) -> None:
-        self._spawn(f"stop-{model_id}", self._stop, model_id, gen, force)
+        self.spawn(f"stop-{model_id}", self._stop, model_id, gen, force)
+
+    def hurry(self, model_id: str, gen: int) -> None:
+        self.spawn(f"hurry-{model_id}", self._hurry, model_id, gen)
 
     def start_cleanup(self, model_id: str, gen: int) -> None:
-        self._spawn(f"cleanup-{model_id}", self._cleanup, model_id, gen)
+        self.spawn(f"cleanup-{model_id}", self._cleanup, model_id, gen)
+
+    def program_lock(self, program: str) -> threading.Lock:
+        """One lock per program: jobs on the same supervisord program never interleave."""
+        with self._threads_lock:
+            return self._program_locks.setdefault(program, threading.Lock())
 
     # --- tasks --------------------------------------------------------------------------------
 
@@ -100,54 +115,69 @@ class Workers(Lifecycle):
         rec = self.pool.load_info(model_id, gen)
         if rec is None or rec.port is None:
             return
-        s = self.pool.settings
-        error: str | None
-        try:
-            if not adopt:
-                e = rec.entry
-                spec = WorkerSpec(
-                    model_id=model_id,
-                    port=rec.port,
-                    backend=e.backend,
-                    ollama_base_url=s.ollama_base_url,
-                    upstream_url=e.upstream_url,
-                    upstream_model=e.upstream_model,
-                    model_path=e.model_path,
-                    memory_mb=e.memory_mb,
-                    options=dict(e.options),
-                    load_timeout_seconds=s.load_timeout_seconds,
-                )
-                self.node.write_program(
-                    rec.program, rec.port, s.graceful_shutdown_seconds, spec.to_json()
-                )
-                self.supervisor.add_program(rec.program)
-                self.supervisor.start(rec.program)
-            error = self._await_ready(model_id, gen, rec.program, rec.port, s.load_timeout_seconds)
-        except (SupervisorError, OSError, ValueError) as exc:
-            error = f"could not start worker {rec.program}: {exc}"
-        if error is None:
-            return
-        log.warning("load failed model=%s error=%s", model_id, error)
-        self._remove(rec.program)
-        self.pool.load_failed(model_id, gen, error)
+        with self.program_lock(rec.program):
+            if not self.pool.still_warming(model_id, gen):
+                return
+            try:
+                if not adopt:
+                    self._start_worker(rec.program, rec.port, rec.entry)
+                error = self._await_ready(model_id, gen, rec.program, rec.port)
+            except _Abandoned:
+                raise
+            except SupervisorUnavailable as exc:
+                error = f"supervisord is not reachable: {exc}"
+                self._fail(model_id, gen, rec.program, error, count=False)
+                return
+            except Exception as exc:  # anything else must still end the load
+                log.exception("starting %s failed", rec.program)
+                error = f"could not start worker {rec.program}: {exc}"
+            if error is not None:
+                self._fail(model_id, gen, rec.program, error, count=True)
 
-    def _await_ready(
-        self, model_id: str, gen: int, program: str, port: int, timeout: float
-    ) -> str | None:
-        """Poll the worker until ready; None when ready (or superseded), else the error."""
+    def _start_worker(self, program: str, port: int, entry: ModelEntry) -> None:
+        s = self.pool.settings
+        spec = WorkerSpec(
+            model_id=entry.model_id,
+            port=port,
+            backend=entry.backend,
+            ollama_base_url=s.ollama_base_url,
+            upstream_url=entry.upstream_url,
+            upstream_model=entry.upstream_model,
+            model_path=entry.model_path,
+            memory_mb=entry.memory_mb,
+            options=dict(entry.options),
+            load_timeout_seconds=s.load_timeout_seconds,
+        )
+        self.node.write_program(program, port, s.graceful_shutdown_seconds, spec.to_json())
+        self.supervisor.add_program(program)
+        self.supervisor.start(program)
+
+    def _fail(self, model_id: str, gen: int, program: str, error: str, count: bool) -> None:
+        log.warning("load failed model=%s error=%s", model_id, error)
+        removed = self._remove(program)
+        self.pool.load_failed(model_id, gen, error, count=count, removed=removed)
+
+    def _await_ready(self, model_id: str, gen: int, program: str, port: int) -> str | None:
+        """Poll the worker until ready; None when ready (or superseded), else the error.
+
+        Raises _Abandoned when the control plane shuts down: the worker keeps running and the
+        next control plane adopts it.
+        """
+        timeout = self.pool.settings.load_timeout_seconds
         limit = time.monotonic() + timeout
         next_check = time.monotonic() + PROCESS_CHECK_SECONDS
         host = self.node.bind_host
-        while not self.stopping.is_set():
+        while True:
+            if self.stopping.is_set():
+                raise _Abandoned
             if not self.pool.still_warming(model_id, gen):
                 return None
             health = self.probe.health(host, port, 1.0)
+            if health is not None and health.model not in (None, model_id):
+                return f"port {port} is answered by a worker for {health.model!r}"
             if health is not None and health.status == "ready":
                 # The pid an operator sees in supervisorctl: gunicorn's master, not its worker.
-                try:
-                    pid: int | None = self.supervisor.process(program).pid
-                except SupervisorError:
-                    pid = None
+                pid = self.supervisor.process(program).pid
                 self.pool.became_ready(model_id, gen, health.memory_mb, pid, health.requests_served)
                 return None
             if health is not None and health.status == "error":
@@ -160,7 +190,6 @@ class Workers(Lifecycle):
             if time.monotonic() >= limit:
                 return f"not ready within load_timeout_seconds ({timeout:g} s)"
             self.stopping.wait(POLL_SECONDS)
-        return "control plane is shutting down"
 
     def _exited(self, program: str) -> str | None:
         try:
@@ -178,32 +207,57 @@ class Workers(Lifecycle):
         rec = self.pool.load_info(model_id, gen)
         if rec is None:
             return
+        removed = False
         try:
             if force:
                 # gunicorn's quick shutdown: no drain.
                 self.supervisor.signal(rec.program, "QUIT")
-            self._remove(rec.program, raise_errors=True)
-        except SupervisorError as exc:
-            log.error("stop failed model=%s program=%s error=%s", model_id, rec.program, exc)
-            self.pool.set_busy(model_id, gen, False)  # the reaper tries again
-            return
-        self.pool.stopped(model_id, gen)
+            with self.program_lock(rec.program):
+                removed = self._remove(rec.program)
+        finally:
+            if removed:
+                self.pool.stopped(model_id, gen)
+            else:
+                self.pool.set_busy(model_id, gen, False)  # the reaper tries again
+
+    def _hurry(self, model_id: str, gen: int) -> None:
+        """Cut the drain of a worker that is already stopping (a forced unload)."""
+        rec = self.pool.load_info(model_id, gen)
+        if rec is not None:
+            self.supervisor.signal(rec.program, "QUIT")
 
     def _cleanup(self, model_id: str, gen: int) -> None:
         rec = self.pool.load_info(model_id, gen)
         if rec is None:
             return
-        self._remove(rec.program)
-        self.pool.cleaned(model_id, gen)
+        removed = False
+        try:
+            with self.program_lock(rec.program):
+                removed = self._remove(rec.program)
+        finally:
+            self.pool.cleaned(model_id, gen, removed=removed)
 
-    def _remove(self, program: str, raise_errors: bool = False) -> None:
-        """Stop (draining), forget and delete a worker's program; idempotent."""
+    def remove_stale(self, program: str) -> bool:
+        """Remove a program that belongs to no loaded model (adoption, orphan sweep)."""
+        with self.program_lock(program):
+            return self._remove(program)
+
+    def _remove(self, program: str) -> bool:
+        """Stop (draining), forget and delete a worker's program; idempotent.
+
+        Returns False (after logging) if supervisord could not be told, so that the caller keeps
+        the port and retries instead of leaving an orphan holding it.
+        """
         s = self.pool.settings
         try:
             self.supervisor.stop(program, timeout=s.graceful_shutdown_seconds + 30)
             self.node.delete_program(program)
             self.supervisor.remove_program(program)
-        except SupervisorError as exc:
-            if raise_errors:
-                raise
+        except (SupervisorError, OSError) as exc:
             log.error("removing program %s failed: %s", program, exc)
+            return False
+        return True
+
+
+class _Abandoned(Exception):
+    """The control plane is shutting down in the middle of a load."""

@@ -22,7 +22,14 @@ from controlplane.core import policy
 from controlplane.core.ports import PortRequest, PortUnavailableError, choose_port, warmup_ports
 from controlplane.core.slug import program_name
 from controlplane.core.states import OCCUPYING, SERVING, Event, State, next_state
-from controlplane.errors import Conflict, LoadFailed, LoadTimeout, NoCapacity, UnknownModel
+from controlplane.errors import (
+    BackendDown,
+    Conflict,
+    LoadFailed,
+    LoadTimeout,
+    NoCapacity,
+    UnknownModel,
+)
 from controlplane.settings import ModelEntry, Settings, warmup_ids
 
 log = logging.getLogger("modelpool.pool")
@@ -71,6 +78,8 @@ class Record:
     retry_at: float = 0.0
     #: A stop/cleanup of this model's program is running in the background.
     busy: bool = False
+    #: A FAILED model whose worker could not be removed yet (it keeps its port until it is).
+    needs_cleanup: bool = False
     deleting: bool = False
     unload_reason: str = ""
     history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
@@ -102,6 +111,15 @@ class Lifecycle:
     def start_cleanup(self, model_id: str, gen: int) -> None:
         raise NotImplementedError
 
+    def hurry(self, model_id: str, gen: int) -> None:
+        """Cut short the drain of a stop that is already running."""
+        raise NotImplementedError
+
+
+#: A model that crashes within this many seconds of becoming HOT keeps its failure count
+#: (and so its backoff); one that ran longer starts counting again.
+STABLE_SECONDS = 60.0
+
 
 class ModelPool:
     """Registry plus lifecycle state of every model on one node."""
@@ -126,6 +144,8 @@ class ModelPool:
         self.on_change: Callable[[], None] = lambda: None
         self.dirty = False
         self.counters: dict[str, int] = {}
+        #: Whether supervisord answered the reaper's last call; no load starts while it is away.
+        self.available = True
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -287,6 +307,34 @@ class ModelPool:
         skips the retry backoff of a FAILED model. Raises UnknownModel, NoCapacity, LoadFailed,
         LoadTimeout.
         """
+        return self._ensure(model_id, timeout, manual=manual, wait=wait, hold=False)
+
+    @contextmanager
+    def acquire(self, model_id: str, timeout: float | None = None) -> Iterator[Record]:
+        """Load if needed and count a request as in flight, in one hold of the lock.
+
+        Between "the model is HOT" and "a request is in flight" nothing can unload it: the
+        reaper never expires a model with a request in flight, so a request can never race an
+        unload into a model that is going away.
+        """
+        rec = self._ensure(model_id, timeout, manual=False, wait=True, hold=True)
+        try:
+            yield rec
+        finally:
+            self.release(model_id)
+
+    def release(self, model_id: str) -> None:
+        """The end of a request counted by ``acquire``."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is not None:
+                rec.in_flight -= 1
+                self.touch(rec, self.clock())
+        self.on_change()
+
+    def _ensure(
+        self, model_id: str, timeout: float | None, *, manual: bool, wait: bool, hold: bool
+    ) -> Record:
         limit = self.settings.load_timeout_seconds if timeout is None else timeout
         give_up = time.monotonic() + limit
         started_gen: int | None = None
@@ -297,6 +345,9 @@ class ModelPool:
                 while True:
                     rec = self._get(model_id)
                     if rec.state in SERVING:
+                        if hold:
+                            rec.in_flight += 1
+                            self.touch(rec, self.clock())
                         return replace(rec)
                     if rec.state is State.WARMING:
                         waited_gen = rec.gen
@@ -307,7 +358,10 @@ class ModelPool:
                         )
                     if rec.state is State.WARMING and not wait:
                         return replace(rec)
-                    if rec.state in (State.COLD, State.FAILED) and not rec.busy:
+                    idle = rec.state in (State.COLD, State.FAILED)
+                    if idle and not self.available:
+                        raise BackendDown("supervisord is not reachable", retry_after=5)
+                    if idle and not rec.busy and not rec.needs_cleanup:
                         started_gen = self._try_start(rec, manual)
                         notify = notify or started_gen is not None
                         if started_gen is not None:
@@ -413,8 +467,6 @@ class ModelPool:
             rec.pid = pid
             rec.loaded_at = now
             rec.last_used = now
-            rec.failures = 0
-            rec.retry_at = 0.0
             rec.worker_requests = requests
             ttl = self.ttl_minutes(rec)
             fresh = policy.deadline_after(now, ttl)
@@ -423,20 +475,27 @@ class ModelPool:
             self._apply(rec, Event.BECAME_READY, "adopted" if rec.restore_deadline else "ready")
         self.on_change()
 
-    def load_failed(self, model_id: str, gen: int, error: str) -> None:
-        """WARMING → FAILED; the lifecycle has already stopped and removed the worker."""
+    def load_failed(
+        self, model_id: str, gen: int, error: str, *, count: bool = True, removed: bool = True
+    ) -> None:
+        """WARMING → FAILED, after the lifecycle tried to stop and remove the worker.
+
+        ``count``: a failure of the model (backoff grows), not of supervisord being away.
+        ``removed``: False keeps the port until a later cleanup succeeds.
+        """
         with self._lock:
             rec = self._records.get(model_id)
             if rec is None or rec.gen != gen or rec.state is not State.WARMING:
                 return
-            now = self.clock()
-            rec.failures += 1
-            rec.retry_at = policy.retry_not_before(rec.failures, now)
+            if count:
+                rec.failures += 1
+                rec.retry_at = policy.retry_not_before(rec.failures, self.clock())
             rec.last_error = error
-            rec.port = None
-            rec.pid = None
-            rec.measured_mb = None
-            self._apply(rec, Event.LOAD_FAILED, "load_error")
+            if removed:
+                self._forget_process(rec)
+            else:
+                rec.needs_cleanup = True
+            self._apply(rec, Event.LOAD_FAILED, "load_error" if count else "supervisord")
 
     # --- unloading ----------------------------------------------------------------------------
 
@@ -458,8 +517,8 @@ class ModelPool:
                     f"model {model_id!r} is FAILED ({rec.last_error}); nothing to unload"
                 )
             elif rec.state is State.UNLOADING and force:
-                # Quick shutdown of a worker that is draining; its stop call is still running.
-                self.lifecycle.start_stop(model_id, rec.gen, force=True)
+                # Quick shutdown of a worker that is draining; its stop job is still running.
+                self.lifecycle.hurry(model_id, rec.gen)
             if wait:
                 limit = time.monotonic() + self.settings.graceful_shutdown_seconds + 30
                 while rec.state is State.UNLOADING and time.monotonic() < limit:
@@ -490,6 +549,8 @@ class ModelPool:
                 return
             self._forget_process(rec)
             rec.busy = False
+            rec.failures = 0
+            rec.retry_at = 0.0
             self._apply(rec, Event.STOPPED, rec.unload_reason or "stopped")
             if rec.deleting:
                 self._drop(rec)
@@ -504,18 +565,27 @@ class ModelPool:
         rec.grace_until = None
         rec.measured_mb = None
 
-    def cleaned(self, model_id: str, gen: int) -> None:
-        """A FAILED model's worker was removed; its port is free again."""
+    def cleaned(self, model_id: str, gen: int, removed: bool = True) -> None:
+        """The cleanup of a FAILED model's worker ended; if it was removed, the port is free."""
         with self._lock:
             rec = self._records.get(model_id)
             if rec is None or rec.gen != gen:
                 return
             rec.busy = False
-            if rec.state is State.FAILED:
+            rec.needs_cleanup = not removed
+            if removed and rec.state is State.FAILED:
                 self._forget_process(rec)
-            if rec.deleting:
-                self._drop(rec)
+                if rec.deleting:
+                    self._drop(rec)
             self._changed.notify_all()
+
+    def retry_cleanups(self) -> None:
+        """Start again the cleanups of FAILED workers that could not be removed before."""
+        with self._lock:
+            for m, rec in self._records.items():
+                if rec.needs_cleanup and not rec.busy and rec.state is State.FAILED:
+                    rec.busy = True
+                    self.lifecycle.start_cleanup(m, rec.gen)
 
     # --- TTL ----------------------------------------------------------------------------------
 
@@ -552,23 +622,6 @@ class ModelPool:
             rec.grace_until = None
             self._apply(rec, Event.REQUEST_ARRIVED, "request")
 
-    @contextmanager
-    def in_flight(self, model_id: str) -> Iterator[Record]:
-        """Count a request the pool itself routes as in flight for its whole duration."""
-        with self._lock:
-            rec = self._get(model_id)
-            if rec.state not in SERVING:
-                raise Conflict(f"model {model_id!r} is {rec.state.value}")
-            rec.in_flight += 1
-            self.touch(rec, self.clock())
-            snap = replace(rec)
-        try:
-            yield snap
-        finally:
-            with self._lock:
-                rec.in_flight -= 1
-                self.touch(rec, self.clock())
-
     # --- monitoring (called by the reaper) ----------------------------------------------------
 
     def observe_worker(
@@ -604,9 +657,11 @@ class ModelPool:
                 return
             if rec.state is State.WARMING:
                 return  # the load in progress notices and reports it with the log tail
+            now = self.clock()
             rec.last_error = detail
-            rec.failures += 1
-            rec.retry_at = policy.retry_not_before(rec.failures, self.clock())
+            stable = rec.loaded_at is not None and now - rec.loaded_at >= STABLE_SECONDS
+            rec.failures = 1 if stable else rec.failures + 1
+            rec.retry_at = policy.retry_not_before(rec.failures, now)
             rec.busy = True
             self._apply(rec, Event.PROCESS_EXITED, "crash")
             self.lifecycle.start_cleanup(model_id, rec.gen)
@@ -638,6 +693,11 @@ class ModelPool:
                 for r in self._records.values()
                 if r.state in OCCUPYING and r.port is not None
             ]
+
+    def programs_in_use(self) -> set[str]:
+        """Programs of every model that holds a port (loading, serving, stopping, cleaning)."""
+        with self._lock:
+            return {r.program for r in self._records.values() if r.port is not None}
 
     def serving_ids(self) -> set[str]:
         with self._lock:
@@ -702,8 +762,18 @@ class ModelPool:
         self._changed.notify_all()
 
     def set_settings(self, settings: Settings) -> None:
+        """Apply new settings; deadlines follow a change of warmup set or TTL 0."""
         with self._lock:
             self.settings = settings
+            now = self.clock()
+            for rec in self._records.values():
+                if rec.state not in SERVING:
+                    continue
+                ttl = self.ttl_minutes(rec)
+                if ttl == 0:
+                    rec.deadline = None
+                elif rec.deadline is None:
+                    rec.deadline = policy.deadline_after(now, ttl)
             self.dirty = True
             self._changed.notify_all()
         self.on_change()
@@ -721,7 +791,7 @@ class ModelPool:
                         "program": r.program,
                         "port": r.port,
                         "state": r.state.value,
-                        "deadline": r.deadline,
+                        "deadline": r.deadline or r.restore_deadline,
                         "loaded_at": r.loaded_at,
                         "requests": r.requests,
                     }

@@ -19,6 +19,7 @@ from typing import Any
 
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavailable
 from controlplane.adapters.worker import WorkerProbe
+from controlplane.core.slug import PROGRAM_PREFIX
 from controlplane.lifecycle import log_excerpt
 from controlplane.pool import ModelPool
 from controlplane.settings import atomic_write
@@ -28,6 +29,8 @@ log = logging.getLogger("modelpool.reaper")
 MONITOR_SECONDS = 1.0
 HEALTH_TIMEOUT = 0.5
 ALIVE = frozenset({"STARTING", "RUNNING"})
+#: A serving model's worker in these states was stopped by someone else (supervisorctl stop).
+OPERATOR_STOP = frozenset({"STOPPING", "STOPPED"})
 
 
 class StateFile:
@@ -79,6 +82,9 @@ class Reaper:
         self._thread: threading.Thread | None = None
         #: Called at the end of every pass (the service keeps warmup models loaded).
         self.after_tick: Callable[[], None] = lambda: None
+        #: Removes a program that belongs to no model (set by the service).
+        self.remove: Callable[[str], None] = lambda name: None
+        self._sweeping: set[str] = set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="modelpool-reaper", daemon=True)
@@ -112,23 +118,26 @@ class Reaper:
 
     def tick(self) -> None:
         """One pass: processes, worker health, TTL events, state file."""
+        # The pool first, then supervisord: a model that is serving in this snapshot had its
+        # worker running before the process list was read, so "not in the list" means gone.
+        serving = self.pool.serving_ids()
+        loaded = self.pool.loaded()
         try:
             procs = {p.name: p for p in self.supervisor.all_processes()}
-            self.supervisor_ok = True
         except SupervisorUnavailable as exc:
-            if self.supervisor_ok:
+            if self.pool.available:
                 log.error("supervisord unavailable: %s", exc)
-            self.supervisor_ok = False
-            procs = None
-        serving = self.pool.serving_ids()
-        for model_id, gen, program, port in self.pool.loaded():
+            self.pool.available = False
+            self.last_tick = self.clock()
+            return  # no unloads or restarts while the process manager is away
+        self.pool.available = True
+        for model_id, gen, program, port in loaded:
             if model_id not in serving:
                 continue
-            if procs is not None:
-                info = procs.get(program)
-                if info is None or info.state not in ALIVE:
-                    self._gone(model_id, gen, program, info.state if info else None, info)
-                    continue
+            info = procs.get(program)
+            if info is None or info.state not in ALIVE:
+                self._gone(model_id, gen, program, info)
+                continue
             health = self.probe.health(self.host, port, HEALTH_TIMEOUT)
             if health is not None:
                 self.pool.observe_worker(
@@ -139,18 +148,33 @@ class Reaper:
                     health.last_request_at,
                     health.memory_mb,
                 )
-        if procs is not None:
-            # An UNLOADING model whose stop call failed (supervisord was away): try again.
-            for model_id, gen, _program in self.pool.unloading_idle():
-                self.pool.retry_stop(model_id, gen)
+        # Stops and cleanups that failed earlier (supervisord was away): try them again.
+        for model_id, gen, _program in self.pool.unloading_idle():
+            self.pool.retry_stop(model_id, gen)
+        self.pool.retry_cleanups()
+        self._sweep_orphans(procs)
         self.pool.expire(self.clock())
         if self.pool.dirty:
             self.state_file.write(self.pool.persisted())
         self.last_tick = self.clock()
         self.after_tick()
 
-    def _gone(self, model_id: str, gen: int, program: str, state: str | None, info: Any) -> None:
-        if state == "STOPPED":
+    def _sweep_orphans(self, procs: dict[str, Any]) -> None:
+        """Remove running model programs that no model owns (they would hold memory and a port)."""
+        owned = self.pool.programs_in_use()
+        orphans = {
+            name
+            for name, info in procs.items()
+            if name.startswith(PROGRAM_PREFIX) and name not in owned and info.state in ALIVE
+        }
+        for name in orphans - self._sweeping:
+            log.warning("removing orphaned worker %s (pid %s)", name, procs[name].pid)
+            self.remove(name)
+        self._sweeping = orphans
+
+    def _gone(self, model_id: str, gen: int, program: str, info: Any) -> None:
+        state = info.state if info is not None else None
+        if state in OPERATOR_STOP:
             detail = "stopped by an operator"
         elif info is None:
             detail = f"worker {program} disappeared from supervisord"
@@ -159,4 +183,4 @@ class Reaper:
             detail = f"worker exited unexpectedly ({state}, exit status {info.exitstatus})" + (
                 f": {tail}" if tail else ""
             )
-        self.pool.process_gone(model_id, gen, operator_stop=state == "STOPPED", detail=detail)
+        self.pool.process_gone(model_id, gen, operator_stop=state in OPERATOR_STOP, detail=detail)

@@ -80,6 +80,9 @@ class PoolService:
         )
         self.pool.on_change = self.reaper.wake
         self.reaper.after_tick = self._keep_warm
+        self.reaper.remove = lambda name: self.workers.spawn(
+            f"orphan-{name}", self.workers.remove_stale, name
+        )
         self._mutate = threading.Lock()
         self._warming: set[str] = set()
         self._mutate_warming = threading.Lock()
@@ -137,7 +140,11 @@ class PoolService:
                     live.add(info.name)
                     continue
             log.info("removing stale program %s", info.name)
-            self.workers._spawn(f"remove-{info.name}", self.workers._remove, info.name)
+            if model_id is not None:
+                # Its model may load at once under the same program name: finish first.
+                self.workers.remove_stale(info.name)
+            else:
+                self.workers.spawn(f"remove-{info.name}", self.workers.remove_stale, info.name)
             live.add(info.name)
         for conf in self.node.paths.conf_d.glob("*.conf"):
             if conf.stem not in live:
@@ -165,10 +172,12 @@ class PoolService:
                 with self._mutate_warming:
                     self._warming.discard(model_id)
 
-        self.workers._spawn(f"warmup-{model_id}", run)
+        self.workers.spawn(f"warmup-{model_id}", run)
 
     def _keep_warm(self) -> None:
         """Reload warmup models that went COLD or FAILED (respecting the failure backoff)."""
+        if not self.pool.available:
+            return
         now = self.pool.clock()
         for rec in self.pool.records():
             if (

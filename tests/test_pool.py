@@ -7,7 +7,14 @@ import threading
 import pytest
 
 from controlplane.core.states import State
-from controlplane.errors import Conflict, LoadFailed, LoadTimeout, NoCapacity, UnknownModel
+from controlplane.errors import (
+    BackendDown,
+    Conflict,
+    LoadFailed,
+    LoadTimeout,
+    NoCapacity,
+    UnknownModel,
+)
 from controlplane.pool import Lifecycle, ModelPool
 from controlplane.settings import ModelEntry, Settings, parse_settings
 
@@ -27,6 +34,7 @@ class FakeLifecycle(Lifecycle):
         self.loads: list[tuple[str, int, bool]] = []
         self.stops: list[tuple[str, int, bool]] = []
         self.cleanups: list[tuple[str, int]] = []
+        self.hurried: list[tuple[str, int]] = []
         self.lock = threading.Lock()
 
     def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
@@ -38,6 +46,9 @@ class FakeLifecycle(Lifecycle):
 
     def start_cleanup(self, model_id: str, gen: int) -> None:
         self.cleanups.append((model_id, gen))
+
+    def hurry(self, model_id: str, gen: int) -> None:
+        self.hurried.append((model_id, gen))
 
 
 def make(
@@ -160,7 +171,7 @@ def test_request_in_grace_period_returns_to_hot_with_a_fresh_ttl() -> None:
     clock.now += 61
     pool.expire(clock.now)
     assert pool.record("a").state is State.COOLING
-    with pool.in_flight("a") as rec:
+    with pool.acquire("a") as rec:
         assert rec.state is State.HOT
     rec = pool.record("a")
     assert rec.state is State.HOT and rec.deadline == pytest.approx(clock.now + 60)
@@ -222,7 +233,7 @@ def test_eviction_of_lru_at_the_model_limit() -> None:
     clock.now += 1
     hot(pool, fake, "b")
     clock.now += 1
-    with pool.in_flight("a"):
+    with pool.acquire("a"):
         pass  # a is now the most recently used
     done = threading.Event()
     threading.Thread(target=lambda: (pool.ensure_loaded("c", wait=False), done.set())).start()
@@ -241,7 +252,7 @@ def test_no_capacity_when_only_warmup_or_busy_models() -> None:
     )
     hot(pool, fake, "w")
     hot(pool, fake, "b")
-    with pool.in_flight("b"), pytest.raises(NoCapacity) as info:
+    with pool.acquire("b"), pytest.raises(NoCapacity) as info:
         pool.ensure_loaded("c", wait=False)
     assert info.value.retry_after is not None
     assert pool.record("c").state is State.COLD
@@ -317,3 +328,100 @@ def test_ports_are_allocated_and_freed() -> None:
     assert ports == {"w1": 8051, "w2": 8052, "x": 8053, "p": 8070}
     summary = pool.summary()
     assert summary["available_ports"] == 49 - 4 and summary["total_models"] == 4
+
+
+def test_acquire_loads_and_counts_in_one_step() -> None:
+    pool, fake, _clock = make([ModelEntry("a", ttl_minutes=1)])
+    got: list[int] = []
+
+    def request() -> None:
+        with pool.acquire("a", timeout=10) as rec:
+            got.append(pool.record("a").in_flight)
+            assert rec.state is State.HOT
+
+    t = threading.Thread(target=request)
+    t.start()
+    assert pool.wait_for(lambda: len(fake.loads) == 1, 5)
+    pool.became_ready("a", fake.loads[0][1], None, 1)
+    t.join(5)
+    assert got == [1] and pool.record("a").in_flight == 0
+
+
+def test_a_model_in_flight_is_never_expired_even_past_its_deadline() -> None:
+    pool, fake, clock = make([ModelEntry("a", ttl_minutes=1)])
+    hot(pool, fake, "a")
+    with pool.acquire("a"):
+        clock.now += 3600
+        pool.expire(clock.now)
+        assert pool.record("a").state is State.HOT
+        assert pool.next_wakeup() is None  # nothing due while busy: the reaper does not spin
+    # The end of the request resets the TTL: not due right away either.
+    pool.expire(clock.now + 1)
+    assert pool.record("a").state is State.HOT
+
+
+def test_supervisord_away_refuses_loads_without_changing_state() -> None:
+    pool, fake, _ = make([ModelEntry("a")])
+    pool.available = False
+    with pytest.raises(BackendDown):
+        pool.ensure_loaded("a", wait=False)
+    assert pool.record("a").state is State.COLD and not fake.loads
+
+
+def test_supervisord_failure_is_not_counted_as_a_model_failure() -> None:
+    pool, fake, _ = make([ModelEntry("a")])
+    pool.ensure_loaded("a", wait=False)
+    pool.load_failed("a", fake.loads[-1][1], "supervisord is not reachable", count=False)
+    rec = pool.record("a")
+    assert rec.state is State.FAILED and rec.failures == 0 and rec.retry_at == 0
+
+
+def test_a_worker_that_could_not_be_removed_keeps_its_port_until_cleaned() -> None:
+    pool, fake, _ = make([ModelEntry("a")])
+    pool.ensure_loaded("a", wait=False)
+    port = pool.record("a").port
+    pool.load_failed("a", fake.loads[-1][1], "boom", removed=False)
+    rec = pool.record("a")
+    assert rec.port == port and rec.needs_cleanup
+    with pytest.raises(LoadTimeout):  # no new load while the old worker may still run
+        pool.ensure_loaded("a", timeout=0.2)
+    pool.retry_cleanups()
+    assert fake.cleanups == [("a", rec.gen)]
+    pool.cleaned("a", rec.gen, removed=True)
+    rec = pool.record("a")
+    assert rec.port is None and not rec.needs_cleanup
+    assert pool.ensure_loaded("a", wait=False).state is State.WARMING
+
+
+def test_crash_loops_back_off() -> None:
+    pool, fake, clock = make([ModelEntry("a")])
+    for expected in (1, 2, 3):
+        hot(pool, fake, "a")
+        rec = pool.record("a")
+        pool.process_gone("a", rec.gen, operator_stop=False, detail="killed")
+        pool.cleaned("a", rec.gen)
+        assert pool.record("a").failures == expected
+        clock.now = pool.record("a").retry_at
+    # One that ran stably before crashing starts counting again.
+    hot(pool, fake, "a")
+    clock.now += 120
+    pool.process_gone("a", pool.record("a").gen, operator_stop=False, detail="killed")
+    assert pool.record("a").failures == 1
+
+
+def test_forced_unload_of_a_draining_model_only_hurries_it() -> None:
+    pool, fake, _ = make([ModelEntry("a")])
+    hot(pool, fake, "a")
+    pool.unload("a")
+    pool.unload("a", force=True)
+    assert len(fake.stops) == 1 and fake.hurried == [("a", fake.stops[0][1])]
+
+
+def test_changing_the_warmup_set_moves_deadlines() -> None:
+    pool, fake, clock = make([ModelEntry("a", ttl_minutes=1)])
+    hot(pool, fake, "a")
+    assert pool.record("a").deadline is not None
+    pool.set_settings(parse_settings({"warmup_models": ["a"]}, pool.settings))
+    assert pool.record("a").deadline is None
+    pool.set_settings(parse_settings({"warmup_models": []}, pool.settings))
+    assert pool.record("a").deadline == pytest.approx(clock.now + 60)

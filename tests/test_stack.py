@@ -5,9 +5,11 @@ Times are seconds (TTL minutes are floats), and waits poll; nothing here sleeps 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -307,3 +309,40 @@ def test_control_plane_restart_adopts_running_workers(stack: Stack) -> None:
     assert stack.spawn_count(m["program"]) >= 1
     history = stack.get("/models/qwen2.5-coder:7b/health").json()["history"]
     assert history[-1]["reason"] == "adopted"
+
+
+def test_supervisorctl_stop_is_an_unload(stack: Stack) -> None:
+    m = stack.load("tiny:1b")
+    out = stack.supervisorctl("stop", m["program"]).stdout
+    assert "stopped" in out
+    cold = stack.wait_state("tiny:1b", "COLD", timeout=10)
+    assert cold["last_error"] is None
+    history = stack.get("/models/tiny:1b/health").json()["history"]
+    assert history[-1]["reason"] == "operator"
+    assert m["program"] not in stack.supervisorctl("status").stdout
+
+
+def test_orphaned_worker_is_removed(stack: Stack) -> None:
+    """A model program that no model owns (left by hand, or by a crash) is swept away."""
+    orphan = "model-orphan-00000000"
+    spec = stack.run_dir / "specs" / f"{orphan}.json"
+    port = stack.port_end - 1
+    spec.write_text(
+        json.dumps(
+            {
+                "model_id": "tiny:1b",
+                "port": port,
+                "backend": "ollama",
+                "ollama_base_url": "http://127.0.0.1:9",
+            }
+        )
+    )
+    conf = stack.run_dir / "conf.d" / f"{orphan}.conf"
+    conf.write_text(
+        f"[program:{orphan}]\ncommand={sys.executable} -m http.server {port} --bind 127.0.0.1\n"
+        "autostart=false\nautorestart=false\nstartsecs=0\n"
+    )
+    assert stack.supervisorctl("update").returncode == 0
+    assert "started" in stack.supervisorctl("start", orphan).stdout
+    wait_until(lambda: orphan not in stack.supervisorctl("status").stdout, timeout=10)
+    assert not conf.exists() and not spec.exists()

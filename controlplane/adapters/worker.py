@@ -13,6 +13,7 @@ class WorkerHealth:
     """What a worker says about itself."""
 
     status: str  # loading | ready | error
+    model: str | None = None
     requests_served: int = 0
     in_flight: int = 0
     last_request_at: float | None = None
@@ -29,6 +30,7 @@ class WorkerHealth:
 
         return cls(
             status=str(data.get("status", "")),
+            model=data.get("model") if isinstance(data.get("model"), str) else None,
             requests_served=int(num("requests_served") or 0),
             in_flight=int(num("in_flight") or 0),
             last_request_at=num("last_request_at"),

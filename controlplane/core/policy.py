@@ -93,10 +93,15 @@ def due_events(models: Iterable[ModelView], now: float) -> list[tuple[str, Event
 
 
 def next_wakeup(models: Iterable[ModelView]) -> float | None:
-    """The earliest time at which ``due_events`` could return something new."""
+    """The earliest time at which ``due_events`` could return something new.
+
+    Models with a request in flight are left out: they are not due until it ends, and the end
+    of a request wakes the reaper anyway.
+    """
     times = [
         t
         for m in models
+        if m.in_flight == 0
         for t in (
             m.deadline if m.state is State.HOT else None,
             m.grace_until if m.state is State.COOLING else None,
