@@ -116,6 +116,10 @@ def test_v1_endpoints_ignore_keep_alive(standin: OllamaStandin) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "keep_alive": -1}
     assert post(standin, "/v1/chat/completions", body).status_code == 200
     # This is the trap the Ollama backend avoids: the pin is gone, Ollama's default applies.
+    # (The stand-in releases the model just after the answer is sent: poll for it.)
+    deadline = time.monotonic() + 2
+    while standin.loaded[MODEL] is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     expires_at = standin.loaded[MODEL]
     assert expires_at is not None
     assert expires_at == pytest.approx(time.time() + standin.default_keep_alive, abs=5)
