@@ -8,7 +8,8 @@ from pathlib import Path
 
 from flask import Flask
 
-from controlplane.api import control, errors, metrics, ops
+from controlplane.adapters.proxy import WorkerProxy
+from controlplane.api import control, errors, metrics, openai, ops
 from controlplane.node import PROJECT_DIR
 from controlplane.service import PoolService
 from controlplane.settings import ConfigStore
@@ -32,11 +33,14 @@ def create_app(service: PoolService | None = None) -> Flask:
         config_dir, run_dir = default_dirs()
         service = PoolService(ConfigStore(config_dir), run_dir)
     app = Flask("controlplane")
-    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    # Chat requests carry whole conversations: the same limit as a worker's.
+    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXT] = service
+    app.extensions[openai.PROXY_EXT] = WorkerProxy()
     errors.register(app)
     app.register_blueprint(ops.bp)
     app.register_blueprint(control.bp)
+    app.register_blueprint(openai.bp)
     metrics.install(app, service)
     return app

@@ -11,7 +11,7 @@ from typing import Any
 
 workers = 1
 worker_class = "gthread"
-threads = 128
+threads = 256
 timeout = 120
 graceful_timeout = 10
 keepalive = 5

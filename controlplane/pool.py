@@ -309,22 +309,26 @@ class ModelPool:
         """
         return self._ensure(model_id, timeout, manual=manual, wait=wait, hold=False)
 
-    @contextmanager
-    def acquire(self, model_id: str, timeout: float | None = None) -> Iterator[Record]:
+    def begin_request(self, model_id: str, timeout: float | None = None) -> Record:
         """Load if needed and count a request as in flight, in one hold of the lock.
 
         Between "the model is HOT" and "a request is in flight" nothing can unload it: the
         reaper never expires a model with a request in flight, so a request can never race an
-        unload into a model that is going away.
+        unload into a model that is going away. Pair with ``release``.
         """
-        rec = self._ensure(model_id, timeout, manual=False, wait=True, hold=True)
+        return self._ensure(model_id, timeout, manual=False, wait=True, hold=True)
+
+    @contextmanager
+    def acquire(self, model_id: str, timeout: float | None = None) -> Iterator[Record]:
+        """``begin_request`` ... ``release`` as a context manager."""
+        rec = self.begin_request(model_id, timeout)
         try:
             yield rec
         finally:
             self.release(model_id)
 
     def release(self, model_id: str) -> None:
-        """The end of a request counted by ``acquire``."""
+        """The end of a request counted by ``begin_request``."""
         with self._lock:
             rec = self._records.get(model_id)
             if rec is not None:

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -22,6 +23,7 @@ from model_service.backends.base import Backend, BackendError, Result
 from model_service.spec import SPEC_ENV, WorkerSpec
 
 log = logging.getLogger("modelpool.worker")
+VIA_HEADER = "X-Modelpool-Via"
 EXT = "modelpool_worker"
 
 
@@ -37,6 +39,9 @@ class WorkerState:
         self.ready_at: float | None = None
         self.requests_served = 0
         self.in_flight = 0
+        #: Requests that did not come through the control plane's front door (which counts its
+        #: own): the control plane adds these to what it counts.
+        self.in_flight_direct = 0
         self.last_request_at: float | None = None
         self._lock = threading.Lock()
         self.ready = threading.Event()
@@ -60,14 +65,16 @@ class WorkerState:
         self.ready.set()
         log.info("model=%s status=%s error=%s", self.spec.model_id, status, error)
 
-    def begin(self) -> None:
+    def begin(self, direct: bool) -> None:
         with self._lock:
             self.in_flight += 1
+            self.in_flight_direct += direct
             self.last_request_at = time.time()
 
-    def end(self) -> None:
+    def end(self, direct: bool) -> None:
         with self._lock:
             self.in_flight -= 1
+            self.in_flight_direct -= direct
             self.requests_served += 1
             self.last_request_at = time.time()
 
@@ -87,6 +94,7 @@ class WorkerState:
                 "uptime_seconds": round(time.time() - self.started, 1),
                 "requests_served": self.requests_served,
                 "in_flight": self.in_flight,
+                "in_flight_direct": self.in_flight_direct,
                 "last_request_at": self.last_request_at,
                 "memory_mb": memory,
                 "port": self.spec.port,
@@ -155,6 +163,15 @@ def create_app(
     def completions() -> Response:
         return _serve("completions")
 
+    @app.post("/v1/embeddings")
+    def embeddings() -> Response:
+        return error_response(
+            f"the {spec.backend} backend does not serve embeddings",
+            404,
+            "invalid_request_error",
+            "unsupported",
+        )
+
     def _serve(kind: str) -> Response:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
@@ -170,19 +187,20 @@ def create_app(
             return error_response(
                 f"model failed to load: {state.error}", 503, "server_error", "load_failed", 30
             )
-        state.begin()
+        direct = request.headers.get(VIA_HEADER) != "frontdoor"
+        state.begin(direct)
         try:
             if kind == "chat":
                 result = state.backend.chat_completions(body)
             else:
                 result = state.backend.completions(body)
         except BackendError as exc:
-            state.end()
+            state.end(direct)
             return error_response(exc.message, exc.status, exc.type, exc.code, exc.retry_after)
         except BaseException:
-            state.end()
+            state.end(direct)
             raise
-        return _respond(result, state)
+        return _respond(result, lambda: state.end(direct))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
@@ -253,7 +271,7 @@ def _validate(kind: str, body: dict[str, Any], model_id: str) -> Response | None
     return None
 
 
-def _respond(result: Result, state: WorkerState) -> Response:
+def _respond(result: Result, on_close: Callable[[], None]) -> Response:
     if result.stream is not None:
         # werkzeug closes the iterable when the response is closed (end, or client gone), which
         # releases the backend's stream even if it was never started.
@@ -265,7 +283,7 @@ def _respond(result: Result, state: WorkerState) -> Response:
         resp.status_code = result.status
     for k, v in result.headers.items():
         resp.headers[k] = v
-    resp.call_on_close(state.end)
+    resp.call_on_close(on_close)
     return resp
 
 

@@ -9,7 +9,7 @@ from typing import Any
 # freezes on a blocking C call such as llama.cpp's.
 workers = 1
 worker_class = "gthread"
-threads = 64
+threads = 256
 # gthread's heartbeat keeps running while a long stream is served, so this only catches hangs.
 timeout = 120
 keepalive = 5

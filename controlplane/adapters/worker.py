@@ -32,7 +32,10 @@ class WorkerHealth:
             status=str(data.get("status", "")),
             model=data.get("model") if isinstance(data.get("model"), str) else None,
             requests_served=int(num("requests_served") or 0),
-            in_flight=int(num("in_flight") or 0),
+            # Requests through the front door are counted by the control plane already.
+            in_flight=int(
+                (num("in_flight_direct") if "in_flight_direct" in data else num("in_flight")) or 0
+            ),
             last_request_at=num("last_request_at"),
             memory_mb=num("memory_mb"),
             error=data.get("error") if isinstance(data.get("error"), str) else None,

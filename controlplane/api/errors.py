@@ -64,6 +64,13 @@ def register(app: Flask) -> None:
     def supervisor_down(exc: SupervisorUnavailable) -> Response:
         return error_body(str(exc), "server_error", "supervisord_unavailable", 503, 5)
 
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        app.logger.exception("unexpected error: %s", exc)
+        return error_body(
+            f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error", 500
+        )
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500

@@ -1,0 +1,106 @@
+"""The OpenAI-compatible front door: route by ``model``, load on demand, relay the answer.
+
+Each request is counted in flight (``pool.begin_request``) from before the load until its
+answer, streamed or not, has been relayed or the client went away; the reaper never unloads a
+model with a request in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from controlplane.adapters.proxy import Relay, WorkerProxy, WorkerUnreachable
+from controlplane.errors import BackendDown, InvalidInput
+from controlplane.service import PoolService
+
+bp = Blueprint("openai", __name__)
+PROXY_EXT = "modelpool_proxy"
+#: Tells the worker that the control plane already counts this request.
+VIA_HEADER = "X-Modelpool-Via"
+
+
+def _svc() -> PoolService:
+    svc: PoolService = current_app.extensions["modelpool"]
+    return svc
+
+
+def _model_of(raw: bytes) -> str:
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"body: not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("body: expected a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidInput("model: missing (expected the id of a registered model)")
+    return model
+
+
+def _relay(path: str) -> Response:
+    svc = _svc()
+    raw = request.get_data(cache=False)
+    model = _model_of(raw)
+    proxy: WorkerProxy = current_app.extensions[PROXY_EXT]
+    rec = svc.pool.begin_request(model)  # waits for a load; counts the request in flight
+    try:
+        headers = {
+            "Content-Type": "application/json",
+            VIA_HEADER: "frontdoor",
+            "Accept": request.headers.get("Accept", "*/*"),
+        }
+        assert rec.port is not None
+        resp, done = proxy.send(svc.node.bind_host, rec.port, "POST", path, raw, headers)
+    except WorkerUnreachable as exc:
+        svc.pool.release(model)
+        raise BackendDown(f"model {model!r}: {exc}", retry_after=2) from None
+    except BaseException:
+        svc.pool.release(model)
+        raise
+    relay = Relay(resp, done, lambda: svc.pool.release(model))
+    out = Response(relay, status=resp.status, content_type=resp.getheader("Content-Type"))
+    for name in ("Retry-After", "Cache-Control", "X-Accel-Buffering"):
+        value = resp.getheader(name)
+        if value is not None:
+            out.headers[name] = value
+    return out
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    return _relay("/v1/chat/completions")
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    return _relay("/v1/completions")
+
+
+@bp.post("/v1/embeddings")
+def embeddings() -> Response:
+    return _relay("/v1/embeddings")
+
+
+@bp.get("/v1/models")
+def models() -> Response:
+    pool = _svc().pool
+    now = pool.clock()
+    data: list[dict[str, Any]] = []
+    for rec in pool.records():
+        view = pool.describe(rec, now)
+        data.append(
+            {
+                "id": view["model_id"],
+                "object": "model",
+                "created": int(rec.loaded_at or time.time()),
+                "owned_by": "modelpool",
+                "state": view["state"],
+                "endpoint": view["endpoint"],
+                "backend": view["backend"],
+            }
+        )
+    return jsonify({"object": "list", "data": data})
