@@ -171,6 +171,8 @@ class _Server(ThreadingHTTPServer):
     """A threading HTTP server that can close its open connections when it stops."""
 
     daemon_threads = True
+    # Like a real server: many clients may connect at once (the default backlog is 5).
+    request_queue_size = 1024
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], standin: OllamaStandin) -> None:
@@ -220,6 +222,9 @@ class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 so streams can use chunked transfer encoding and clients can keep connections.
     protocol_version = "HTTP/1.1"
     server_version = "ollama-standin"
+    # Real servers (Ollama, vLLM) send small writes at once; with Nagle's algorithm a body
+    # written after its headers waits for the client's delayed ACK (about 40 ms).
+    disable_nagle_algorithm = True
     server: _Server
 
     def do_GET(self) -> None:
