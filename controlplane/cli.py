@@ -22,7 +22,7 @@ import requests
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
 from controlplane.app import CONFIG_DIR_ENV, RUN_DIR_ENV, default_dirs
 from controlplane.core.slug import PROGRAM_PREFIX, program_name
-from controlplane.node import Node, RunPaths
+from controlplane.node import PROJECT_DIR, Node, RunPaths
 from controlplane.settings import ConfigError, ConfigStore, Settings
 
 EXIT_FAILED, EXIT_USAGE, EXIT_DOWN = 1, 2, 3
@@ -314,6 +314,21 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_make_demo_model(args: argparse.Namespace) -> int:
+    from model_service import demo_model
+
+    argv = [
+        str(args.path),
+        "--seed",
+        str(args.seed),
+        "--layers",
+        str(args.layers),
+        "--embd",
+        str(args.embd),
+    ] + (["--force"] if args.force else [])
+    return demo_model.main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelpool", description=__doc__.splitlines()[0])
     p.add_argument("--config-dir", help=f"config directory (env {CONFIG_DIR_ENV}; default config/)")
@@ -347,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--lines", type=int, default=50)
     s.add_argument("-f", "--follow", action="store_true")
     s.set_defaults(fn=cmd_logs)
+    s = sub.add_parser(
+        "make-demo-model", help="write the demo GGUF (random weights, deterministic from a seed)"
+    )
+    s.add_argument("path", nargs="?", type=Path, default=PROJECT_DIR / "data" / "demo-llama.gguf")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layers", type=int, default=2)
+    s.add_argument("--embd", type=int, default=64)
+    s.add_argument("--force", action="store_true", help="overwrite an existing file")
+    s.set_defaults(fn=cmd_make_demo_model)
     return p
 
 

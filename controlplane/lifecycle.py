@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from controlplane.adapters.procmem import tree_rss_mb
 from controlplane.adapters.supervisord import (
     SupervisorClient,
     SupervisorError,
@@ -23,7 +24,7 @@ from controlplane.adapters.supervisord import (
 from controlplane.adapters.worker import WorkerProbe
 from controlplane.node import Node
 from controlplane.pool import Lifecycle, ModelPool
-from controlplane.settings import ModelEntry
+from controlplane.settings import IN_PROCESS_BACKENDS, ModelEntry, resolve_model_path
 from model_service.spec import WorkerSpec
 
 log = logging.getLogger("modelpool.lifecycle")
@@ -121,7 +122,7 @@ class Workers(Lifecycle):
             try:
                 if not adopt:
                     self._start_worker(rec.program, rec.port, rec.entry)
-                error = self._await_ready(model_id, gen, rec.program, rec.port)
+                error = self._await_ready(model_id, gen, rec.program, rec.port, rec.entry.backend)
             except _Abandoned:
                 raise
             except SupervisorUnavailable as exc:
@@ -143,7 +144,7 @@ class Workers(Lifecycle):
             ollama_base_url=s.ollama_base_url,
             upstream_url=entry.upstream_url,
             upstream_model=entry.upstream_model,
-            model_path=entry.model_path,
+            model_path=resolve_model_path(entry.model_path),
             memory_mb=entry.memory_mb,
             options=dict(entry.options),
             load_timeout_seconds=s.load_timeout_seconds,
@@ -157,7 +158,16 @@ class Workers(Lifecycle):
         removed = self._remove(program)
         self.pool.load_failed(model_id, gen, error, count=count, removed=removed)
 
-    def _await_ready(self, model_id: str, gen: int, program: str, port: int) -> str | None:
+    @staticmethod
+    def measure(backend: str, pid: int | None, reported: float | None) -> float | None:
+        """A worker's memory: RSS of its process tree for in-process backends, else its report."""
+        if backend in IN_PROCESS_BACKENDS:
+            return tree_rss_mb(pid)
+        return reported
+
+    def _await_ready(
+        self, model_id: str, gen: int, program: str, port: int, backend: str
+    ) -> str | None:
         """Poll the worker until ready; None when ready (or superseded), else the error.
 
         Raises _Abandoned when the control plane shuts down: the worker keeps running and the
@@ -178,7 +188,8 @@ class Workers(Lifecycle):
             if health is not None and health.status == "ready":
                 # The pid an operator sees in supervisorctl: gunicorn's master, not its worker.
                 pid = self.supervisor.process(program).pid
-                self.pool.became_ready(model_id, gen, health.memory_mb, pid, health.requests_served)
+                memory = self.measure(backend, pid, health.memory_mb)
+                self.pool.became_ready(model_id, gen, memory, pid, health.requests_served)
                 return None
             if health is not None and health.status == "error":
                 return f"worker reported: {health.error or 'unknown error'}"

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from controlplane.core import policy
 from controlplane.core.ports import PortRequest, PortUnavailableError, choose_port, warmup_ports
@@ -35,6 +35,17 @@ from controlplane.settings import ModelEntry, Settings, warmup_ids
 log = logging.getLogger("modelpool.pool")
 
 Clock = Callable[[], float]
+
+
+class Loaded(NamedTuple):
+    """What the reaper needs to watch one worker."""
+
+    model_id: str
+    gen: int
+    program: str
+    port: int
+    backend: str
+    pid: int | None
 
 
 @dataclass(frozen=True)
@@ -689,11 +700,11 @@ class ModelPool:
         with self._lock:
             return policy.next_wakeup(self._views()) if self.settings.auto_unload else None
 
-    def loaded(self) -> list[tuple[str, int, str, int]]:
-        """(model id, generation, program, port) of every model with a worker."""
+    def loaded(self) -> list[Loaded]:
+        """Every model with a worker (loading, serving or stopping)."""
         with self._lock:
             return [
-                (r.entry.model_id, r.gen, r.program, r.port)
+                Loaded(r.entry.model_id, r.gen, r.program, r.port, r.entry.backend, r.pid)
                 for r in self._records.values()
                 if r.state in OCCUPYING and r.port is not None
             ]

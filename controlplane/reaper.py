@@ -20,7 +20,7 @@ from typing import Any
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavailable
 from controlplane.adapters.worker import WorkerProbe
 from controlplane.core.slug import PROGRAM_PREFIX
-from controlplane.lifecycle import log_excerpt
+from controlplane.lifecycle import Workers, log_excerpt
 from controlplane.pool import ModelPool
 from controlplane.settings import atomic_write
 
@@ -131,22 +131,22 @@ class Reaper:
             self.last_tick = self.clock()
             return  # no unloads or restarts while the process manager is away
         self.pool.available = True
-        for model_id, gen, program, port in loaded:
-            if model_id not in serving:
+        for w in loaded:
+            if w.model_id not in serving:
                 continue
-            info = procs.get(program)
+            info = procs.get(w.program)
             if info is None or info.state not in ALIVE:
-                self._gone(model_id, gen, program, info)
+                self._gone(w.model_id, w.gen, w.program, info)
                 continue
-            health = self.probe.health(self.host, port, HEALTH_TIMEOUT)
+            health = self.probe.health(self.host, w.port, HEALTH_TIMEOUT)
             if health is not None:
                 self.pool.observe_worker(
-                    model_id,
-                    gen,
+                    w.model_id,
+                    w.gen,
                     health.requests_served,
                     health.in_flight,
                     health.last_request_at,
-                    health.memory_mb,
+                    Workers.measure(w.backend, info.pid, health.memory_mb),
                 )
         # Stops and cleanups that failed earlier (supervisord was away): try them again.
         for model_id, gen, _program in self.pool.unloading_idle():

@@ -22,6 +22,8 @@ import yaml
 CONFIG_BASENAME: Final = "model_pool_config"
 REGISTRY_BASENAME: Final = "model_pool_registry"
 BACKENDS: Final = ("ollama", "llamacpp", "openai")
+#: Backends that hold the model in the worker's own process: its RSS is the model's memory.
+IN_PROCESS_BACKENDS: Final = frozenset({"llamacpp"})
 MODEL_ID_MAX: Final = 200
 MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 
@@ -310,6 +312,13 @@ def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
             raise ConfigError(f"{k('options')}: {opts!r} is not a mapping of option names")
         values["options"] = dict(opts)
     return ModelEntry(**values)
+
+
+def resolve_model_path(path: str) -> str:
+    """A registry ``model_path``: absolute as given, else relative to the project directory."""
+    if not path or os.path.isabs(path):
+        return path
+    return str(Path(__file__).resolve().parent.parent / path)
 
 
 def parse_registry(raw: Any, settings: Settings) -> tuple[ModelEntry, ...]:

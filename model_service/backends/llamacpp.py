@@ -1,0 +1,316 @@
+"""The llama.cpp backend: a GGUF model loaded in the worker's own process (llama-cpp-python).
+
+One model instance generates one answer at a time (a lock around it); requests beyond that wait
+in a bounded queue, and a full queue answers 503 with Retry-After instead of piling up threads.
+llama-cpp-python calls into C through ctypes, which releases the GIL, so ``/health`` and other
+threads stay responsive while a request generates.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import llama_cpp
+
+from model_service.backends import SSE_DONE, ClosingStream, sse_error, sse_event
+from model_service.backends.base import BackendError, Result
+from model_service.spec import WorkerSpec
+
+#: Options passed to ``llama_cpp.Llama`` as they are, with their types.
+LLAMA_OPTIONS: Final[dict[str, type]] = {
+    "n_ctx": int,
+    "n_threads": int,
+    "n_batch": int,
+    "n_gpu_layers": int,
+    "seed": int,
+    "chat_format": str,
+    "use_mmap": bool,
+    "use_mlock": bool,
+    "rope_freq_base": float,
+}
+#: Options of the worker itself.
+WORKER_OPTIONS: Final[dict[str, type]] = {"max_queue": int, "queue_timeout": float}
+DEFAULTS: Final[dict[str, Any]] = {
+    "n_ctx": 2048,
+    # Read the weights into memory, so that "ready" means resident and RSS counts them.
+    "use_mmap": False,
+    "max_queue": 16,
+    "queue_timeout": 300.0,
+}
+
+
+class TokenCap:
+    """A logits processor that counts sampled tokens and holds ``max_tokens`` exactly.
+
+    llama-cpp-python keeps generating past ``max_tokens`` while the text ends inside a
+    multi-byte UTF-8 character (frequent with a byte-level vocabulary); past the limit this
+    forces the end-of-sequence token instead. Its count also gives a stream's usage.
+    """
+
+    def __init__(self, max_tokens: int | None, eos: int) -> None:
+        self.max_tokens = max_tokens
+        self.eos = eos
+        self.sampled = 0
+        self.forced = False
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.sampled += 1
+        if self.max_tokens is not None and self.sampled > self.max_tokens:
+            self.forced = True
+            scores[:] = -float("inf")
+            scores[self.eos] = 0.0
+        return scores
+
+    def usage(self, finish_reason: str | None, n_tokens: int) -> dict[str, int]:
+        """Token counts of a finished generation, from the samples and the context size.
+
+        The last sampled token is fed back only if generation went on, so a generation that
+        ended on its length leaves one token outside the context; one that ended on the
+        end-of-sequence token sampled one token that is not part of the answer.
+        """
+        by_length = finish_reason == "length" and not self.forced
+        completion = self.sampled if by_length else max(0, self.sampled - 1)
+        prompt = n_tokens - completion + (1 if by_length else 0)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+
+def _invalid(message: str) -> BackendError:
+    return BackendError(message, status=400, type="invalid_request_error", code="invalid_request")
+
+
+def _busy(message: str, retry_after: int = 2) -> BackendError:
+    return BackendError(
+        message, status=503, type="server_error", code="queue_full", retry_after=retry_after
+    )
+
+
+class LlamaCppBackend:
+    """A GGUF model in this process, one generation at a time, with a bounded queue."""
+
+    name = "llamacpp"
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.options = self._check_options(dict(spec.options))
+        path = Path(spec.model_path)
+        if not path.is_absolute():
+            # Relative paths are relative to the project directory (the worker's cwd).
+            path = Path.cwd() / path
+        self.path = path
+        self.llm: llama_cpp.Llama | None = None
+        self._model_lock = threading.Lock()
+        # Running plus waiting requests: more than this is refused at once.
+        self._slots = threading.BoundedSemaphore(1 + int(self.options["max_queue"]))
+
+    @staticmethod
+    def _check_options(opts: dict[str, Any]) -> dict[str, Any]:
+        known = {**LLAMA_OPTIONS, **WORKER_OPTIONS}
+        for key, value in opts.items():
+            kind = known.get(key)
+            if kind is None:
+                raise BackendError(
+                    f"options.{key}: unknown llamacpp option (known: {', '.join(sorted(known))})",
+                    status=500,
+                    type="configuration_error",
+                    code="invalid_option",
+                )
+            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise BackendError(
+                    f"options.{key}: {value!r} is not {kind.__name__}",
+                    status=500,
+                    type="configuration_error",
+                    code="invalid_option",
+                )
+        return {**DEFAULTS, **opts}
+
+    # --- Backend ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        if not self.path.is_file():
+            raise BackendError(
+                f"model file not found: {self.path}",
+                status=500,
+                type="configuration_error",
+                code="model_not_found",
+            )
+        kwargs = {k: v for k, v in self.options.items() if k in LLAMA_OPTIONS}
+        kwargs.setdefault("n_threads", max(1, (os.cpu_count() or 2)))
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(self.path), verbose=False, **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendError(
+                f"llama.cpp could not load {self.path}: {exc}",
+                status=500,
+                type="configuration_error",
+                code="load_failed",
+            ) from None
+
+    def unload(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.close()
+
+    def memory_mb(self) -> float | None:
+        # In-process: the control plane measures the worker's process tree (RSS) itself.
+        return None
+
+    def chat_completions(self, body: dict[str, Any]) -> Result:
+        params = self._params(body)
+        messages = body["messages"]
+        return self._run(
+            body,
+            lambda llm, stream, procs: llm.create_chat_completion(
+                messages=messages, stream=stream, logits_processor=procs, **params
+            ),
+            chat=True,
+        )
+
+    def completions(self, body: dict[str, Any]) -> Result:
+        prompt = body["prompt"]
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise _invalid("prompt: this backend takes one prompt per request")
+            prompt = prompt[0]
+        params = self._params(body)
+        return self._run(
+            body,
+            lambda llm, stream, procs: llm.create_completion(
+                prompt=prompt, stream=stream, logits_processor=procs, **params
+            ),
+            chat=False,
+        )
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _params(self, body: dict[str, Any]) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for key, kind in (
+            ("temperature", float),
+            ("top_p", float),
+            ("presence_penalty", float),
+            ("frequency_penalty", float),
+        ):
+            if body.get(key) is not None:
+                value = body[key]
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise _invalid(f"{key}: {value!r} is not a number")
+                params[key] = kind(value)
+        if body.get("max_tokens") is not None:
+            params["max_tokens"] = int(body["max_tokens"])
+        if body.get("seed") is not None:
+            if isinstance(body["seed"], bool) or not isinstance(body["seed"], int):
+                raise _invalid(f"seed: {body['seed']!r} is not an integer")
+            params["seed"] = body["seed"]
+        stop = body.get("stop")
+        if stop is not None:
+            if isinstance(stop, str):
+                stop = [stop]
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise _invalid("stop: expected a string or a list of strings")
+            params["stop"] = stop
+        return params
+
+    def _acquire(self) -> None:
+        """Take a queue slot, then the model: 503 if the queue is full or waits too long."""
+        if not self._slots.acquire(blocking=False):
+            raise _busy(
+                f"model {self.spec.model_id!r} is busy: {self.options['max_queue']} requests "
+                "already wait (options.max_queue)"
+            )
+        if not self._model_lock.acquire(timeout=float(self.options["queue_timeout"])):
+            self._slots.release()
+            raise _busy(f"model {self.spec.model_id!r} stayed busy", retry_after=5)
+
+    def _release(self) -> None:
+        self._model_lock.release()
+        self._slots.release()
+
+    def _run(self, body: dict[str, Any], call: Any, chat: bool) -> Result:
+        self._acquire()
+        llm = self.llm
+        if llm is None:
+            self._release()
+            raise BackendError("the model is not loaded", status=503, retry_after=5)
+        stream = bool(body.get("stream"))
+        max_tokens = body.get("max_tokens")
+        cap = TokenCap(max_tokens if isinstance(max_tokens, int) else None, llm.token_eos())
+        try:
+            out = call(llm, stream, llama_cpp.LogitsProcessorList([cap]))
+        except ValueError as exc:  # e.g. the prompt does not fit the context window
+            self._release()
+            raise _invalid(str(exc)) from None
+        except BaseException:
+            self._release()
+            raise
+        if not stream:
+            self._release()
+            out["model"] = self.spec.model_id
+            if cap.forced:
+                for choice in out.get("choices", []):
+                    choice["finish_reason"] = "length"
+            return Result(json=out)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = self._sse(out, llm, chat, include_usage, cap)
+        return Result(stream=ClosingStream(chunks, self._once(self._release)))
+
+    @staticmethod
+    def _once(fn: Any) -> Any:
+        done = threading.Event()
+
+        def run() -> None:
+            if not done.is_set():
+                done.set()
+                fn()
+
+        return run
+
+    def _sse(
+        self,
+        chunks: Iterator[dict[str, Any]],
+        llm: llama_cpp.Llama,
+        chat: bool,
+        usage: bool,
+        cap: TokenCap,
+    ) -> Iterator[bytes]:
+        """OpenAI SSE events from llama-cpp-python's chunks, with usage if asked for."""
+        created = int(time.time())
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        finish: str | None = None
+        try:
+            for chunk in chunks:
+                chunk["model"] = self.spec.model_id
+                chunk["id"] = ident
+                chunk.setdefault("created", created)
+                for choice in chunk.get("choices") or []:
+                    if choice.get("finish_reason"):
+                        if cap.forced:
+                            choice["finish_reason"] = "length"
+                        finish = choice["finish_reason"]
+                yield sse_event(chunk)
+            if usage:
+                yield sse_event(
+                    {
+                        "id": ident,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": created,
+                        "model": self.spec.model_id,
+                        "choices": [],
+                        "usage": cap.usage(finish, llm.n_tokens),
+                    }
+                )
+            yield SSE_DONE
+        except ValueError as exc:
+            yield sse_error(str(exc), type="invalid_request_error", code="invalid_request")
