@@ -173,7 +173,7 @@ def create_app(
         )
 
     def _serve(kind: str) -> Response:
-        body = request.get_json(silent=True)
+        body = request.get_json(force=True, silent=True)
         if not isinstance(body, dict):
             return _bad("body: expected a JSON object")
         problem = _validate(kind, body, spec.model_id)

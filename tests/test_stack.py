@@ -346,3 +346,20 @@ def test_orphaned_worker_is_removed(stack: Stack) -> None:
     assert "started" in stack.supervisorctl("start", orphan).stdout
     wait_until(lambda: orphan not in stack.supervisorctl("status").stdout, timeout=10)
     assert not conf.exists() and not spec.exists()
+
+
+def test_the_seeds_curl_examples_need_no_content_type(stack: Stack) -> None:
+    """curl -d sends application/x-www-form-urlencoded; the seed's examples rely on JSON anyway."""
+    m = stack.load("qwen2.5-coder:7b")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = json.dumps({"model": "qwen2.5-coder:7b", "messages": [{"role": "user", "content": "x"}]})
+    for url in (f"http://127.0.0.1:{m['port']}", stack.url):
+        r = requests.post(url + "/v1/chat/completions", data=body, headers=form, timeout=30)
+        assert r.status_code == 200, r.text
+    r = requests.post(
+        stack.url + "/models/qwen2.5-coder:7b/extend-ttl",
+        data='{"minutes": 30}',
+        headers=form,
+        timeout=10,
+    )
+    assert r.status_code == 200 and r.json()["ttl_remaining_minutes"] > 29

@@ -25,7 +25,7 @@ def body(optional: bool = True) -> dict[str, Any]:
         if optional:
             return {}
         raise InvalidInput("body: expected a JSON object")
-    data = request.get_json(silent=True)
+    data = request.get_json(force=True, silent=True)
     if not isinstance(data, dict):
         raise InvalidInput("body: not a JSON object")
     return data
