@@ -226,6 +226,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not paths.socket.exists():
         print(f"modelpool is not running (no socket in {paths.run_dir})")
         return 0
+    # Through the control plane first: it unloads every model (reason "shutdown"), withdraws
+    # them from the service registry, and lets in-flight requests finish.
+    try:
+        _api(args).call("POST", "/drain", {"timeout": args.timeout}, timeout=args.timeout + 10)
+    except CliError as exc:
+        print(f"drain through the control plane skipped: {exc}", file=sys.stderr)
     stopped = stop_stack(paths, args.timeout)
     print("modelpool is down" if stopped else f"no supervisord answered at {paths.socket}")
     return 0

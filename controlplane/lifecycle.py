@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from controlplane.adapters.procmem import tree_rss_mb
@@ -119,21 +120,20 @@ class Workers(Lifecycle):
         with self.program_lock(rec.program):
             if not self.pool.still_warming(model_id, gen):
                 return
+            failure: _Failure | None
             try:
                 if not adopt:
                     self._start_worker(rec.program, rec.port, rec.entry)
-                error = self._await_ready(model_id, gen, rec.program, rec.port, rec.entry.backend)
+                failure = self._await_ready(model_id, gen, rec.program, rec.port, rec.entry.backend)
             except _Abandoned:
                 raise
             except SupervisorUnavailable as exc:
-                error = f"supervisord is not reachable: {exc}"
-                self._fail(model_id, gen, rec.program, error, count=False)
-                return
+                failure = _Failure(f"supervisord is not reachable: {exc}", "supervisord")
             except Exception as exc:  # anything else must still end the load
                 log.exception("starting %s failed", rec.program)
-                error = f"could not start worker {rec.program}: {exc}"
-            if error is not None:
-                self._fail(model_id, gen, rec.program, error, count=True)
+                failure = _Failure(f"could not start worker {rec.program}: {exc}", "start_error")
+            if failure is not None:
+                self._fail(model_id, gen, rec.program, failure)
 
     def _start_worker(self, program: str, port: int, entry: ModelEntry) -> None:
         s = self.pool.settings
@@ -153,10 +153,10 @@ class Workers(Lifecycle):
         self.supervisor.add_program(program)
         self.supervisor.start(program)
 
-    def _fail(self, model_id: str, gen: int, program: str, error: str, count: bool) -> None:
-        log.warning("load failed model=%s error=%s", model_id, error)
+    def _fail(self, model_id: str, gen: int, program: str, failure: _Failure) -> None:
+        log.warning("load failed model=%s reason=%s error=%s", model_id, failure.reason, failure)
         removed = self._remove(program)
-        self.pool.load_failed(model_id, gen, error, count=count, removed=removed)
+        self.pool.load_failed(model_id, gen, str(failure), failure.reason, removed=removed)
 
     @staticmethod
     def measure(backend: str, pid: int | None, reported: float | None) -> float | None:
@@ -167,7 +167,7 @@ class Workers(Lifecycle):
 
     def _await_ready(
         self, model_id: str, gen: int, program: str, port: int, backend: str
-    ) -> str | None:
+    ) -> _Failure | None:
         """Poll the worker until ready; None when ready (or superseded), else the error.
 
         Raises _Abandoned when the control plane shuts down: the worker keeps running and the
@@ -184,7 +184,9 @@ class Workers(Lifecycle):
                 return None
             health = self.probe.health(host, port, 1.0)
             if health is not None and health.model not in (None, model_id):
-                return f"port {port} is answered by a worker for {health.model!r}"
+                return _Failure(
+                    f"port {port} is answered by a worker for {health.model!r}", "start_error"
+                )
             if health is not None and health.status == "ready":
                 # The pid an operator sees in supervisorctl: gunicorn's master, not its worker.
                 pid = self.supervisor.process(program).pid
@@ -192,14 +194,15 @@ class Workers(Lifecycle):
                 self.pool.became_ready(model_id, gen, memory, pid, health.requests_served)
                 return None
             if health is not None and health.status == "error":
-                return f"worker reported: {health.error or 'unknown error'}"
+                error = health.error or "unknown error"
+                return _Failure(f"worker reported: {error}", "backend_error")
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + PROCESS_CHECK_SECONDS
                 gone = self._exited(program)
                 if gone:
-                    return gone
+                    return _Failure(gone, "exited")
             if time.monotonic() >= limit:
-                return f"not ready within load_timeout_seconds ({timeout:g} s)"
+                return _Failure(f"not ready within load_timeout_seconds ({timeout:g} s)", "timeout")
             self.stopping.wait(POLL_SECONDS)
 
     def _exited(self, program: str) -> str | None:
@@ -268,6 +271,17 @@ class Workers(Lifecycle):
             log.error("removing program %s failed: %s", program, exc)
             return False
         return True
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why a load failed: a message, and its reason from ``stats.LOAD_FAILURE_REASONS``."""
+
+    message: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class _Abandoned(Exception):

@@ -31,6 +31,7 @@ from controlplane.errors import (
     UnknownModel,
 )
 from controlplane.settings import ModelEntry, Settings, warmup_ids
+from controlplane.stats import PoolStats
 
 log = logging.getLogger("modelpool.pool")
 
@@ -91,6 +92,8 @@ class Record:
     busy: bool = False
     #: A FAILED model whose worker could not be removed yet (it keeps its port until it is).
     needs_cleanup: bool = False
+    #: The load in progress takes over a running worker (after a control-plane restart).
+    adopting: bool = False
     deleting: bool = False
     unload_reason: str = ""
     history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
@@ -155,8 +158,13 @@ class ModelPool:
         self.on_change: Callable[[], None] = lambda: None
         self.dirty = False
         self.counters: dict[str, int] = {}
+        self.stats = PoolStats()
         #: Whether supervisord answered the reaper's last call; no load starts while it is away.
         self.available = True
+        #: The registry was read and validated (the pool is built from it).
+        self.registry_loaded = True
+        #: Set by ``drain``: the stack is shutting down, no new load starts.
+        self.draining = False
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -351,7 +359,9 @@ class ModelPool:
         self, model_id: str, timeout: float | None, *, manual: bool, wait: bool, hold: bool
     ) -> Record:
         limit = self.settings.load_timeout_seconds if timeout is None else timeout
-        give_up = time.monotonic() + limit
+        began = time.monotonic()
+        give_up = began + limit
+        waited = False
         started_gen: int | None = None
         waited_gen: int | None = None  # the load this caller saw in progress
         notify = False
@@ -363,7 +373,10 @@ class ModelPool:
                         if hold:
                             rec.in_flight += 1
                             self.touch(rec, self.clock())
+                        if waited:
+                            self.stats.waited(model_id, time.monotonic() - began)
                         return replace(rec)
+                    waited = True
                     if rec.state is State.WARMING:
                         waited_gen = rec.gen
                     if rec.state is State.FAILED and rec.gen in (started_gen, waited_gen):
@@ -374,6 +387,8 @@ class ModelPool:
                     if rec.state is State.WARMING and not wait:
                         return replace(rec)
                     idle = rec.state in (State.COLD, State.FAILED)
+                    if idle and self.draining:
+                        raise BackendDown("modelpool is shutting down", retry_after=30)
                     if idle and not self.available:
                         raise BackendDown("supervisord is not reachable", retry_after=5)
                     if idle and not rec.busy and not rec.needs_cleanup:
@@ -411,6 +426,7 @@ class ModelPool:
         )
         if not plan.ok:
             if not (plan.evict or plan.wait):
+                self.stats.refused(rec.entry.model_id)
                 raise NoCapacity(plan.reason, retry_after=5)
             for victim in plan.evict:
                 self._begin_unload(self._records[victim], Event.UNLOAD_REQUESTED, "eviction")
@@ -418,6 +434,7 @@ class ModelPool:
         try:
             port = self._choose_port(rec)
         except PortUnavailableError as exc:
+            self.stats.refused(rec.entry.model_id)
             raise NoCapacity(str(exc), retry_after=5) from None
         rec.port = port
         rec.gen += 1
@@ -452,6 +469,7 @@ class ModelPool:
             rec.pid = pid
             rec.gen += 1
             rec.restore_deadline = deadline
+            rec.adopting = True
             self._apply(rec, Event.LOAD_REQUESTED, "adopt")
             self.lifecycle.start_load(model_id, rec.gen, adopt=True)
             return True
@@ -487,17 +505,22 @@ class ModelPool:
             fresh = policy.deadline_after(now, ttl)
             rec.deadline = rec.restore_deadline if rec.restore_deadline and fresh else fresh
             rec.grace_until = None
-            self._apply(rec, Event.BECAME_READY, "adopted" if rec.restore_deadline else "ready")
+            if not rec.adopting:
+                self.stats.loaded(rec.entry.model_id, now - rec.since)
+            self._apply(rec, Event.BECAME_READY, "adopted" if rec.adopting else "ready")
+            rec.adopting = False
         self.on_change()
 
     def load_failed(
-        self, model_id: str, gen: int, error: str, *, count: bool = True, removed: bool = True
+        self, model_id: str, gen: int, error: str, reason: str, *, removed: bool = True
     ) -> None:
         """WARMING → FAILED, after the lifecycle tried to stop and remove the worker.
 
-        ``count``: a failure of the model (backoff grows), not of supervisord being away.
-        ``removed``: False keeps the port until a later cleanup succeeds.
+        ``reason`` is one of ``stats.LOAD_FAILURE_REASONS``; "supervisord" (it was away) is not
+        a failure of the model and does not grow its backoff. ``removed``: False keeps the port
+        until a later cleanup succeeds.
         """
+        count = reason != "supervisord"
         with self._lock:
             rec = self._records.get(model_id)
             if rec is None or rec.gen != gen or rec.state is not State.WARMING:
@@ -510,7 +533,9 @@ class ModelPool:
                 self._forget_process(rec)
             else:
                 rec.needs_cleanup = True
-            self._apply(rec, Event.LOAD_FAILED, "load_error" if count else "supervisord")
+            rec.adopting = False
+            self.stats.load_failed(model_id, reason)
+            self._apply(rec, Event.LOAD_FAILED, reason)
 
     # --- unloading ----------------------------------------------------------------------------
 
@@ -544,8 +569,25 @@ class ModelPool:
         rec.unload_reason = reason
         rec.grace_until = None
         rec.busy = True
+        self.stats.unloaded(rec.entry.model_id, reason)
         self._apply(rec, event, reason)
         self.lifecycle.start_stop(rec.entry.model_id, rec.gen, force=force)
+
+    def drain(self, timeout: float) -> list[str]:
+        """Shut down: refuse new loads, unload every loaded model (reason "shutdown") and wait.
+
+        Returns the models still not COLD when ``timeout`` passed.
+        """
+        with self._lock:
+            self.draining = True
+            for rec in self._records.values():
+                if rec.state in SERVING:
+                    self._begin_unload(rec, Event.UNLOAD_REQUESTED, "shutdown")
+        self.wait_for(
+            lambda: all(r.state not in OCCUPYING for r in self._records.values()), timeout
+        )
+        with self._lock:
+            return [m for m, r in self._records.items() if r.state in OCCUPYING]
 
     def retry_stop(self, model_id: str, gen: int) -> None:
         """Run the stop of an UNLOADING model again (its earlier attempt failed)."""
@@ -678,6 +720,7 @@ class ModelPool:
             rec.failures = 1 if stable else rec.failures + 1
             rec.retry_at = policy.retry_not_before(rec.failures, now)
             rec.busy = True
+            self.stats.unloaded(model_id, "crash")
             self._apply(rec, Event.PROCESS_EXITED, "crash")
             self.lifecycle.start_cleanup(model_id, rec.gen)
 

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from model_service.backends import make_backend
 from model_service.backends.base import Backend, BackendError, Result
+from model_service.metrics import WorkerMetrics
 from model_service.spec import SPEC_ENV, WorkerSpec
 
 log = logging.getLogger("modelpool.worker")
@@ -131,6 +133,11 @@ def create_app(
             backend = _Unavailable(spec.backend, exc)
     state = WorkerState(spec, backend)
     app.extensions[EXT] = state
+    metrics = WorkerMetrics(spec.model_id, lambda: state.status == "ready", lambda: state.in_flight)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     def health() -> Response:
@@ -188,6 +195,8 @@ def create_app(
                 f"model failed to load: {state.error}", 503, "server_error", "load_failed", 30
             )
         direct = request.headers.get(VIA_HEADER) != "frontdoor"
+        endpoint = "chat" if kind == "chat" else "completions"
+        started = time.perf_counter()
         state.begin(direct)
         try:
             if kind == "chat":
@@ -196,10 +205,17 @@ def create_app(
                 result = state.backend.completions(body)
         except BackendError as exc:
             state.end(direct)
+            metrics.finished(endpoint, exc.status, started, None)
             return error_response(exc.message, exc.status, exc.type, exc.code, exc.retry_after)
         except BaseException:
             state.end(direct)
+            metrics.finished(endpoint, 500, started, None)
             raise
+        if result.stream is not None:
+            result.stream = metrics.stream(endpoint, started, result.stream)
+        else:
+            usage = (result.json or {}).get("usage")
+            metrics.finished(endpoint, result.status, started, usage)
         return _respond(result, lambda: state.end(direct))
 
     @app.errorhandler(HTTPException)

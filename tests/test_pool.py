@@ -116,7 +116,7 @@ def test_waiters_see_the_failure_and_do_not_retry_it() -> None:
     # Let every caller reach its wait before the load fails.
     assert pool.wait_for(lambda: True, 0.2)
     threading.Event().wait(0.2)
-    pool.load_failed("a", fake.loads[0][1], "model not found")
+    pool.load_failed("a", fake.loads[0][1], "model not found", "backend_error")
     for t in threads:
         t.join(10)
     assert len(errors) == 5 and all(isinstance(e, LoadFailed) for e in errors)
@@ -130,7 +130,7 @@ def test_failed_model_backoff_applies_to_requests_not_to_load_calls() -> None:
     pool, fake, clock = make([ModelEntry("a")])
     for _ in range(2):
         pool.ensure_loaded("a", wait=False, manual=True)
-        pool.load_failed("a", fake.loads[-1][1], "boom")
+        pool.load_failed("a", fake.loads[-1][1], "boom", "exited")
     with pytest.raises(NoCapacity) as info:
         pool.ensure_loaded("a", wait=False)
     assert info.value.retry_after == pytest.approx(5)
@@ -371,7 +371,7 @@ def test_supervisord_away_refuses_loads_without_changing_state() -> None:
 def test_supervisord_failure_is_not_counted_as_a_model_failure() -> None:
     pool, fake, _ = make([ModelEntry("a")])
     pool.ensure_loaded("a", wait=False)
-    pool.load_failed("a", fake.loads[-1][1], "supervisord is not reachable", count=False)
+    pool.load_failed("a", fake.loads[-1][1], "supervisord is not reachable", "supervisord")
     rec = pool.record("a")
     assert rec.state is State.FAILED and rec.failures == 0 and rec.retry_at == 0
 
@@ -380,7 +380,7 @@ def test_a_worker_that_could_not_be_removed_keeps_its_port_until_cleaned() -> No
     pool, fake, _ = make([ModelEntry("a")])
     pool.ensure_loaded("a", wait=False)
     port = pool.record("a").port
-    pool.load_failed("a", fake.loads[-1][1], "boom", removed=False)
+    pool.load_failed("a", fake.loads[-1][1], "boom", "exited", removed=False)
     rec = pool.record("a")
     assert rec.port == port and rec.needs_cleanup
     with pytest.raises(LoadTimeout):  # no new load while the old worker may still run

@@ -149,3 +149,15 @@ def patch_config() -> Response:
     settings, restart = service().patch_config(body(optional=False))
     data = settings.public_dict()
     return jsonify({"config": data, "restart_required": restart})
+
+
+@bp.post("/drain")
+def drain() -> Response:
+    """Unload every model (drained, reason "shutdown") and refuse new loads until a restart.
+
+    ``modelpool down`` calls this before it stops supervisord.
+    """
+    svc = service()
+    timeout = positive(body(), "timeout") or svc.pool.settings.graceful_shutdown_seconds + 30
+    left = svc.pool.drain(timeout)
+    return jsonify({"drained": not left, "still_loaded": left})

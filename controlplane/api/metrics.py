@@ -1,7 +1,9 @@
 """``/metrics``: HTTP metrics from prometheus-flask-exporter plus pool state read at scrape time.
 
 Each app gets its own registry (building the app twice must work); no label is built from
-unbounded input except the registered model id.
+unbounded input except the registered model id. Units are base units (seconds, bytes). The
+control plane is one gunicorn worker process by design (it owns the pool), so in-process
+metrics are the whole truth.
 """
 
 from __future__ import annotations
@@ -10,14 +12,27 @@ from collections.abc import Iterator
 
 from flask import Flask
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_flask_exporter import PrometheusMetrics
 
-from controlplane.core.states import State
+from controlplane.core.states import OCCUPYING, State
 from controlplane.service import PoolService
+from controlplane.stats import Histogram
 
 MB = 1024 * 1024
+
+
+def _histogram(name: str, doc: str, data: dict[str, Histogram]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=["model"])
+    for model, h in sorted(data.items()):
+        fam.add_metric([model], h.cumulative(), sum_value=h.total)
+    return fam
 
 
 class PoolCollector(Collector):
@@ -39,6 +54,9 @@ class PoolCollector(Collector):
         state = GaugeMetricFamily(
             "modelpool_model_state", "1 for the state each model is in", labels=["model", "state"]
         )
+        since = GaugeMetricFamily(
+            "modelpool_model_state_seconds", "Seconds in the current state", labels=["model"]
+        )
         requests = CounterMetricFamily(
             "modelpool_model_requests", "Requests served per model", labels=["model"]
         )
@@ -57,38 +75,69 @@ class PoolCollector(Collector):
             m = r.entry.model_id
             for st in State:
                 state.add_metric([m, st.value], 1.0 if r.state is st else 0.0)
+            since.add_metric([m], max(0.0, now - r.since) if r.since else 0.0)
             requests.add_metric([m], r.requests)
             in_flight.add_metric([m], r.total_in_flight)
-            loaded = r.state in (State.WARMING, State.HOT, State.COOLING, State.UNLOADING)
-            memory.add_metric([m], r.memory() * MB if loaded else 0.0)
+            memory.add_metric([m], r.memory() * MB if r.state in OCCUPYING else 0.0)
             if r.state in (State.HOT, State.COOLING) and r.deadline is not None:
                 ttl.add_metric([m], max(0.0, r.deadline - now))
-        yield from (state, requests, in_flight, memory, ttl)
-        transitions = CounterMetricFamily(
-            "modelpool_transitions",
-            "Lifecycle transitions by event and reason",
-            labels=["event", "reason"],
-        )
-        for key, count in sorted(pool.counters.items()):
-            event, reason = key.split(":", 1)
-            transitions.add_metric([event, reason], count)
-        yield transitions
+        yield from (state, since, requests, in_flight, memory, ttl)
+        yield from self._lifecycle()
         summary = pool.summary()
-        yield GaugeMetricFamily(
-            "modelpool_ports_available", "Worker ports not in use", value=summary["available_ports"]
+        s = pool.settings
+        gauges = (
+            ("modelpool_ports_available", "Worker ports not in use", summary["available_ports"]),
+            (
+                "modelpool_ports_total",
+                "Worker ports in port_range",
+                s.port_range.end - s.port_range.start + 1,
+            ),
+            ("modelpool_max_models", "max_concurrent_models", summary["max_concurrent_models"]),
+            (
+                "modelpool_memory_limit_bytes",
+                "memory_limit_mb in bytes (0: no limit)",
+                summary["memory_limit_mb"] * MB,
+            ),
+            (
+                "modelpool_memory_used_bytes",
+                "Memory held by loaded models",
+                summary["total_memory_mb"] * MB,
+            ),
+            (
+                "modelpool_supervisord_up",
+                "1 if supervisord answered the last check",
+                1.0 if pool.available else 0.0,
+            ),
         )
-        yield GaugeMetricFamily(
-            "modelpool_max_models", "max_concurrent_models", value=summary["max_concurrent_models"]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+
+    def _lifecycle(self) -> Iterator[Metric]:
+        st = self.svc.pool.stats.snapshot()
+        loads = CounterMetricFamily("modelpool_loads", "Models that became HOT", labels=["model"])
+        for model, n in sorted(st.loads.items()):
+            loads.add_metric([model], n)
+        failures = CounterMetricFamily(
+            "modelpool_load_failures", "Loads that failed, by reason", labels=["model", "reason"]
         )
-        yield GaugeMetricFamily(
-            "modelpool_memory_limit_bytes",
-            "memory_limit_mb in bytes (0: no limit)",
-            value=summary["memory_limit_mb"] * MB,
+        for (model, reason), n in sorted(st.load_failures.items()):
+            failures.add_metric([model, reason], n)
+        unloads = CounterMetricFamily(
+            "modelpool_unloads", "Unloads by reason", labels=["model", "reason"]
         )
-        yield GaugeMetricFamily(
-            "modelpool_memory_used_bytes",
-            "Memory held by loaded models",
-            value=summary["total_memory_mb"] * MB,
+        for (model, reason), n in sorted(st.unloads.items()):
+            unloads.add_metric([model, reason], n)
+        refusals = CounterMetricFamily(
+            "modelpool_capacity_refusals", "Loads refused for lack of room", labels=["model"]
+        )
+        for model, n in sorted(st.capacity_refusals.items()):
+            refusals.add_metric([model], n)
+        yield from (loads, failures, unloads, refusals)
+        yield _histogram("modelpool_load_duration_seconds", "WARMING to HOT", st.load_duration)
+        yield _histogram(
+            "modelpool_load_wait_seconds",
+            "Time requests waited for their model to load",
+            st.load_wait,
         )
 
 
@@ -96,5 +145,11 @@ def install(app: Flask, svc: PoolService) -> CollectorRegistry:
     """Serve ``/metrics`` from a registry of this app's own."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PoolCollector(svc))
-    PrometheusMetrics(app, registry=registry, group_by="url_rule", path="/metrics")
+    PrometheusMetrics(
+        app,
+        registry=registry,
+        group_by="url_rule",  # the route, not the path: model ids stay out of these labels
+        path="/metrics",
+        defaults_prefix="modelpool",
+    )
     return registry

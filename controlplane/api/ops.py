@@ -22,3 +22,37 @@ def health() -> tuple[Response, int]:
     data["pid"] = os.getpid()
     ordered = {"status": data.pop("status"), **data}
     return jsonify(ordered), 200 if ordered["status"] == "healthy" else 503
+
+
+@bp.get("/health/live")
+def live() -> Response:
+    """Liveness: the control plane process answers."""
+    return jsonify({"status": "alive", "pid": os.getpid()})
+
+
+@bp.get("/health/ready")
+def ready() -> tuple[Response, int]:
+    """Readiness: supervisord reachable, registry loaded, pool started."""
+    svc: PoolService = current_app.extensions["modelpool"]
+    checks = {
+        "supervisord": svc.supervisor_reachable(),
+        "registry": svc.pool.registry_loaded,
+        "pool_started": svc.started,
+    }
+    ok = all(checks.values())
+    return jsonify({"status": "ready" if ok else "not_ready", "checks": checks}), 200 if ok else 503
+
+
+@bp.get("/sd/workers")
+def sd_workers() -> Response:
+    """Prometheus HTTP service discovery: every model worker that serves /metrics."""
+    svc: PoolService = current_app.extensions["modelpool"]
+    host = svc.node.bind_host
+    groups = [
+        {
+            "targets": [f"{host}:{w.port}"],
+            "labels": {"model": w.model_id, "backend": w.backend, "program": w.program},
+        }
+        for w in svc.pool.loaded()
+    ]
+    return jsonify(groups)
