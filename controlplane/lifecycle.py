@@ -62,6 +62,8 @@ class Workers(Lifecycle):
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
         self._program_locks: dict[str, threading.Lock] = {}
+        #: Called before a worker is stopped (the service registry withdraws it first).
+        self.before_stop: Callable[[str], None] = lambda model_id: None
 
     def spawn(self, name: str, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` in a daemon thread that is tracked for ``join``."""
@@ -223,6 +225,7 @@ class Workers(Lifecycle):
             return
         removed = False
         try:
+            self.before_stop(model_id)
             if force:
                 # gunicorn's quick shutdown: no drain.
                 self.supervisor.signal(rec.program, "QUIT")

@@ -156,6 +156,8 @@ class ModelPool:
         self.is_port_free: Callable[[int], bool] = lambda port: True
         #: Called (outside the lock) after a change that may move the next deadline.
         self.on_change: Callable[[], None] = lambda: None
+        #: Called under the lock after every transition: must only record, never block.
+        self.on_transition: Callable[[Record, State, State], None] = lambda rec, old, new: None
         self.dirty = False
         self.counters: dict[str, int] = {}
         self.stats = PoolStats()
@@ -306,6 +308,7 @@ class ModelPool:
             took,
             rec.port,
         )
+        self.on_transition(rec, old, new)
         self._changed.notify_all()
         return new
 

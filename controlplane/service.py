@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from controlplane.adapters.registry import RegistryAnnouncer, http_sender
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavailable
 from controlplane.adapters.worker import HttpWorkerProbe, WorkerProbe
 from controlplane.core.slug import PROGRAM_PREFIX
@@ -21,7 +22,7 @@ from controlplane.core.states import State
 from controlplane.errors import BackendDown, Conflict, InvalidInput
 from controlplane.lifecycle import Workers
 from controlplane.node import Node
-from controlplane.pool import ModelPool
+from controlplane.pool import ModelPool, Record
 from controlplane.reaper import Reaper, StateFile
 from controlplane.settings import (
     SETTINGS_BY_NAME,
@@ -83,6 +84,15 @@ class PoolService:
         self.reaper.remove = lambda name: self.workers.spawn(
             f"orphan-{name}", self.workers.remove_stale, name
         )
+        self.announcer: RegistryAnnouncer | None = None
+        if settings.service_registry_url:
+            self.announcer = RegistryAnnouncer(
+                http_sender(settings.service_registry_url),
+                dict(settings.service_registry_paths),
+                settings.service_registry_heartbeat_seconds,
+            )
+            self.pool.on_transition = self._tell_registry
+            self.workers.before_stop = self._withdraw_before_stop
         self._mutate = threading.Lock()
         self._warming: set[str] = set()
         self._mutate_warming = threading.Lock()
@@ -96,13 +106,50 @@ class PoolService:
         procs = self._wait_supervisor(supervisor_wait)
         self._adopt(procs)
         self.reaper.start()
+        if self.announcer is not None:
+            self.announcer.start()
         self.started = True
         for model_id in self.pool.warmup_ids():
             self._load_in_background(model_id)
 
+    def _withdraw_before_stop(self, model_id: str) -> None:
+        """Deregister before the worker drains (bounded: the registry never holds a stop up)."""
+        if self.announcer is not None:
+            self.announcer.withdraw(model_id).wait(2.0)
+
+    def _tell_registry(self, rec: Record, old: State, new: State) -> None:
+        """Keep the service registry in line with a transition (called under the pool lock)."""
+        assert self.announcer is not None
+        model_id = rec.entry.model_id
+        if new is State.HOT and rec.port is not None:
+            endpoint = f"http://{self.node.bind_host}:{rec.port}"
+            self.announcer.announce(
+                model_id,
+                {
+                    "service_id": f"modelpool:{model_id}",
+                    "name": model_id,
+                    "model_id": model_id,
+                    "display_name": rec.entry.display_name or model_id,
+                    "endpoint": endpoint,
+                    "url": endpoint + "/v1",
+                    "health_url": endpoint + "/health",
+                    "port": rec.port,
+                    "tags": list(rec.entry.tags),
+                    "model_type": rec.entry.model_type,
+                    "backend": rec.entry.backend,
+                    "state": new.value,
+                },
+            )
+        elif new is State.COOLING:
+            self.announcer.set_state(model_id, new.value)
+        elif new in (State.UNLOADING, State.FAILED, State.COLD):
+            self.announcer.withdraw(model_id)
+
     def stop(self) -> None:
         """Stop the reaper and pending tasks; workers keep running (a restart adopts them)."""
         self.reaper.stop()
+        if self.announcer is not None:
+            self.announcer.stop()
         self.workers.stopping.set()
         self.workers.join(5)
         self.state_file.write(self.pool.persisted())

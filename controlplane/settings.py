@@ -106,6 +106,24 @@ class PortRange:
     end: int = 8099
 
 
+REGISTRY_PATH_NAMES: Final = ("register", "heartbeat", "deregister")
+
+
+def _registry_paths(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: {value!r} is not a mapping of {', '.join(REGISTRY_PATH_NAMES)}")
+    paths = {"register": "/register", "heartbeat": "/heartbeat", "deregister": "/deregister"}
+    for name, path in value.items():
+        if name not in REGISTRY_PATH_NAMES:
+            raise ConfigError(
+                f"{key}.{name}: unknown key (expected {', '.join(REGISTRY_PATH_NAMES)})"
+            )
+        if not isinstance(path, str) or not path.startswith("/") or any(c.isspace() for c in path):
+            raise ConfigError(f"{key}.{name}: {path!r} is not a URL path starting with /")
+        paths[name] = path
+    return paths
+
+
 def _port_range(key: str, value: Any) -> PortRange:
     if isinstance(value, PortRange):
         return value
@@ -160,6 +178,19 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "service_registry_url",
         lambda k, v: _url(k, v, empty_ok=True),
         "PAS service registry; empty turns it off",
+        restart=True,
+    ),
+    Setting(
+        "service_registry_paths",
+        _registry_paths,
+        "registry paths: register, heartbeat, deregister",
+        restart=True,
+    ),
+    Setting(
+        "service_registry_heartbeat_seconds",
+        _num(0.05),
+        "heartbeat interval while HOT",
+        restart=True,
     ),
     Setting("api_key", _str, "bearer token required by the API; empty = no auth"),
 )
@@ -186,11 +217,20 @@ class Settings:
     control_port: int = 8050
     bind_host: str = "127.0.0.1"
     service_registry_url: str = "http://localhost:6121"
+    service_registry_paths: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "register": "/register",
+            "heartbeat": "/heartbeat",
+            "deregister": "/deregister",
+        }
+    )
+    service_registry_heartbeat_seconds: float = 30.0
     api_key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["warmup_models"] = list(self.warmup_models)
+        data["service_registry_paths"] = dict(self.service_registry_paths)
         return data
 
     def public_dict(self) -> dict[str, Any]:
