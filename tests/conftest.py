@@ -46,3 +46,28 @@ def no_leaked_threads() -> Iterator[None]:
     yield
     left = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
     assert not left, f"threads left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def live_metrics(make_stack: Callable[..., Stack]) -> dict[str, str]:
+    """/metrics of a control plane and of a worker that have served real traffic."""
+    import requests
+
+    stack = make_stack(
+        [{"model_id": "tiny:1b"}, {"model_id": "missing:1b"}, {"model_id": "qwen2.5-coder:7b"}]
+    )
+    m = stack.load("tiny:1b")
+    msg = {"model": "tiny:1b", "messages": [{"role": "user", "content": "hi"}]}
+    for url in (stack.url, f"http://127.0.0.1:{m['port']}"):
+        assert requests.post(url + "/v1/chat/completions", json=msg, timeout=30).status_code == 200
+        r = requests.post(url + "/v1/chat/completions", json={**msg, "stream": True}, timeout=30)
+        assert r.status_code == 200
+    stack.post("/models/missing:1b/load", {"wait": True})  # fails: the stand-in lacks it
+    stack.load("qwen2.5-coder:7b")
+    stack.post("/models/qwen2.5-coder:7b/unload", {"wait": True})
+    return {
+        "controlplane": stack.get("/metrics").text,
+        "worker": requests.get(f"http://127.0.0.1:{m['port']}/metrics", timeout=10).text,
+        "controlplane_url": stack.url,
+        "worker_port": str(m["port"]),
+    }

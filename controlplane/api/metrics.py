@@ -23,7 +23,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 
 from controlplane.core.states import OCCUPYING, State
 from controlplane.service import PoolService
-from controlplane.stats import Histogram
+from controlplane.stats import LOAD_FAILURE_REASONS, UNLOAD_REASONS, Histogram
 
 MB = 1024 * 1024
 
@@ -88,7 +88,7 @@ class PoolCollector(Collector):
         gauges = (
             ("modelpool_ports_available", "Worker ports not in use", summary["available_ports"]),
             (
-                "modelpool_ports_total",
+                "modelpool_ports",
                 "Worker ports in port_range",
                 s.port_range.end - s.port_range.start + 1,
             ),
@@ -113,31 +113,38 @@ class PoolCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
 
     def _lifecycle(self) -> Iterator[Metric]:
+        # Every registered model gets every series from the start (at 0), so that rate() and
+        # increase() see the first event of a series too.
         st = self.svc.pool.stats.snapshot()
+        models = sorted(self.svc.pool.ids())
         loads = CounterMetricFamily("modelpool_loads", "Models that became HOT", labels=["model"])
-        for model, n in sorted(st.loads.items()):
-            loads.add_metric([model], n)
-        failures = CounterMetricFamily(
-            "modelpool_load_failures", "Loads that failed, by reason", labels=["model", "reason"]
-        )
-        for (model, reason), n in sorted(st.load_failures.items()):
-            failures.add_metric([model, reason], n)
-        unloads = CounterMetricFamily(
-            "modelpool_unloads", "Unloads by reason", labels=["model", "reason"]
-        )
-        for (model, reason), n in sorted(st.unloads.items()):
-            unloads.add_metric([model, reason], n)
         refusals = CounterMetricFamily(
             "modelpool_capacity_refusals", "Loads refused for lack of room", labels=["model"]
         )
-        for model, n in sorted(st.capacity_refusals.items()):
-            refusals.add_metric([model], n)
+        failures = CounterMetricFamily(
+            "modelpool_load_failures", "Loads that failed, by reason", labels=["model", "reason"]
+        )
+        unloads = CounterMetricFamily(
+            "modelpool_unloads", "Unloads by reason", labels=["model", "reason"]
+        )
+        for model in models:
+            loads.add_metric([model], st.loads.get(model, 0))
+            refusals.add_metric([model], st.capacity_refusals.get(model, 0))
+            for reason in LOAD_FAILURE_REASONS:
+                failures.add_metric([model, reason], st.load_failures.get((model, reason), 0))
+            for reason in UNLOAD_REASONS:
+                unloads.add_metric([model, reason], st.unloads.get((model, reason), 0))
         yield from (loads, failures, unloads, refusals)
-        yield _histogram("modelpool_load_duration_seconds", "WARMING to HOT", st.load_duration)
+        known = set(models)
+        yield _histogram(
+            "modelpool_load_duration_seconds",
+            "WARMING to HOT",
+            {m: h for m, h in st.load_duration.items() if m in known},
+        )
         yield _histogram(
             "modelpool_load_wait_seconds",
             "Time requests waited for their model to load",
-            st.load_wait,
+            {m: h for m, h in st.load_wait.items() if m in known},
         )
 
 
