@@ -6,13 +6,14 @@ import logging
 import os
 from pathlib import Path
 
-from flask import Flask
+from flask import Flask, Response, request
 
 from controlplane.adapters.proxy import WorkerProxy
 from controlplane.api import control, errors, metrics, openai, ops
 from controlplane.node import PROJECT_DIR
 from controlplane.service import PoolService
 from controlplane.settings import ConfigStore
+from model_service.auth import bearer_ok
 
 RUN_DIR_ENV = "MODELPOOL_RUN_DIR"
 CONFIG_DIR_ENV = "MODELPOOL_CONFIG_DIR"
@@ -39,6 +40,23 @@ def create_app(service: PoolService | None = None) -> Flask:
     app.extensions[EXT] = service
     app.extensions[openai.PROXY_EXT] = WorkerProxy()
     errors.register(app)
+
+    @app.before_request
+    def require_api_key() -> Response | None:
+        settings = service.pool.settings
+        if not settings.api_key or request.path in settings.public_paths:
+            return None
+        if bearer_ok(request.headers.get("Authorization"), settings.api_key):
+            return None
+        resp = errors.error_body(
+            "missing or wrong API key: send Authorization: Bearer <api_key>",
+            "invalid_request_error",
+            "invalid_api_key",
+            401,
+        )
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
+
     app.register_blueprint(ops.bp)
     app.register_blueprint(control.bp)
     app.register_blueprint(openai.bp)

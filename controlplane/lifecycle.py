@@ -31,6 +31,10 @@ from model_service.spec import WorkerSpec
 log = logging.getLogger("modelpool.lifecycle")
 
 POLL_SECONDS = 0.05
+#: Ports tried for one load when gunicorn finds its port taken.
+PORT_ATTEMPTS = 3
+#: What gunicorn logs when its port is taken (it retries for 5 s before giving up).
+BIND_FAILED = "Connection in use"
 PROCESS_CHECK_SECONDS = 0.5
 #: supervisord states in which a worker that is loading is still alive.
 STARTING_STATES = frozenset({"STARTING", "RUNNING"})
@@ -119,23 +123,46 @@ class Workers(Lifecycle):
         rec = self.pool.load_info(model_id, gen)
         if rec is None or rec.port is None:
             return
+        port = rec.port
+        failure: _Failure | None = None
         with self.program_lock(rec.program):
-            if not self.pool.still_warming(model_id, gen):
+            for attempt in range(PORT_ATTEMPTS):
+                if not self.pool.still_warming(model_id, gen):
+                    return
+                failure = self._attempt(model_id, gen, rec.program, port, rec.entry, adopt)
+                if failure is None:
+                    return
+                if failure.reason != "port_in_use" or attempt == PORT_ATTEMPTS - 1:
+                    break
+                # Someone took the port between our check and gunicorn's bind: another port.
+                log.warning("port taken model=%s port=%s: %s", model_id, port, failure)
+                if not self._remove(rec.program):
+                    break
+                new_port = self.pool.reassign_port(model_id, gen, port)
+                if new_port is None:
+                    break
+                port = new_port
+            if failure is None:
                 return
-            failure: _Failure | None
-            try:
-                if not adopt:
-                    self._start_worker(rec.program, rec.port, rec.entry)
-                failure = self._await_ready(model_id, gen, rec.program, rec.port, rec.entry.backend)
-            except _Abandoned:
-                raise
-            except SupervisorUnavailable as exc:
-                failure = _Failure(f"supervisord is not reachable: {exc}", "supervisord")
-            except Exception as exc:  # anything else must still end the load
-                log.exception("starting %s failed", rec.program)
-                failure = _Failure(f"could not start worker {rec.program}: {exc}", "start_error")
-            if failure is not None:
-                self._fail(model_id, gen, rec.program, failure)
+            if failure.reason == "port_in_use":
+                failure = _Failure(failure.message, "start_error")
+            self._fail(model_id, gen, rec.program, failure)
+
+    def _attempt(
+        self, model_id: str, gen: int, program: str, port: int, entry: ModelEntry, adopt: bool
+    ) -> _Failure | None:
+        """Start (unless adopting) and wait for one worker; None once it is ready."""
+        try:
+            if not adopt:
+                self._start_worker(program, port, entry)
+            return self._await_ready(model_id, gen, program, port, entry.backend)
+        except _Abandoned:
+            raise
+        except SupervisorUnavailable as exc:
+            return _Failure(f"supervisord is not reachable: {exc}", "supervisord")
+        except Exception as exc:  # anything else must still end the load
+            log.exception("starting %s failed", program)
+            return _Failure(f"could not start worker {program}: {exc}", "start_error")
 
     def _start_worker(self, program: str, port: int, entry: ModelEntry) -> None:
         s = self.pool.settings
@@ -150,6 +177,7 @@ class Workers(Lifecycle):
             memory_mb=entry.memory_mb,
             options=dict(entry.options),
             load_timeout_seconds=s.load_timeout_seconds,
+            api_key=s.api_key,
         )
         self.node.write_program(program, port, s.graceful_shutdown_seconds, spec.to_json())
         self.supervisor.add_program(program)
@@ -158,7 +186,14 @@ class Workers(Lifecycle):
     def _fail(self, model_id: str, gen: int, program: str, failure: _Failure) -> None:
         log.warning("load failed model=%s reason=%s error=%s", model_id, failure.reason, failure)
         removed = self._remove(program)
-        self.pool.load_failed(model_id, gen, str(failure), failure.reason, removed=removed)
+        self.pool.load_failed(
+            model_id,
+            gen,
+            str(failure),
+            failure.reason,
+            removed=removed,
+            permanent=failure.permanent,
+        )
 
     @staticmethod
     def measure(backend: str, pid: int | None, reported: float | None) -> float | None:
@@ -197,12 +232,18 @@ class Workers(Lifecycle):
                 return None
             if health is not None and health.status == "error":
                 error = health.error or "unknown error"
-                return _Failure(f"worker reported: {error}", "backend_error")
+                return _Failure(
+                    f"worker reported: {error}",
+                    "backend_error",
+                    permanent=health.error_kind == "permanent",
+                )
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + PROCESS_CHECK_SECONDS
                 gone = self._exited(program)
                 if gone:
                     return _Failure(gone, "exited")
+                if BIND_FAILED in self.supervisor.log_tail(program, 400):
+                    return _Failure(f"port {port} is held by another process", "port_in_use")
             if time.monotonic() >= limit:
                 return _Failure(f"not ready within load_timeout_seconds ({timeout:g} s)", "timeout")
             self.stopping.wait(POLL_SECONDS)
@@ -282,6 +323,8 @@ class _Failure:
 
     message: str
     reason: str
+    #: Retrying will not help until the registry entry changes (bad file, unknown model).
+    permanent: bool = False
 
     def __str__(self) -> str:
         return self.message

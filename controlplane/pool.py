@@ -10,6 +10,7 @@ re-check the record's generation so that a late report from an old load changes 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -133,6 +134,8 @@ class Lifecycle:
 #: A model that crashes within this many seconds of becoming HOT keeps its failure count
 #: (and so its backoff); one that ran longer starts counting again.
 STABLE_SECONDS = 60.0
+#: How long a port that another process took at bind time is left alone.
+AVOID_PORT_SECONDS = 60.0
 
 
 class ModelPool:
@@ -167,6 +170,8 @@ class ModelPool:
         self.registry_loaded = True
         #: Set by ``drain``: the stack is shutting down, no new load starts.
         self.draining = False
+        #: Ports found taken by someone else at bind time, avoided until the given time.
+        self._avoid: dict[int, float] = {}
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -257,9 +262,12 @@ class ModelPool:
             "last_used": rec.last_used or None,
             "last_error": rec.last_error,
             "failures": rec.failures,
-            "retry_after_seconds": max(0.0, round(rec.retry_at - now, 1))
-            if rec.state is State.FAILED and rec.retry_at > now
+            "retry_after_seconds": round(rec.retry_at - now, 1)
+            if rec.state is State.FAILED and now < rec.retry_at < math.inf
             else None,
+            # False: the last failure was permanent (bad file, unknown model); only a load call
+            # or a new registry entry tries again.
+            "retryable": rec.retry_at != math.inf,
             "priority": rec.entry.priority,
             "tags": list(rec.entry.tags),
         }
@@ -385,7 +393,7 @@ class ModelPool:
                     if rec.state is State.FAILED and rec.gen in (started_gen, waited_gen):
                         raise LoadFailed(
                             f"model {model_id!r} failed to load: {rec.last_error}",
-                            retry_after=max(1.0, rec.retry_at - self.clock()),
+                            retry_after=min(300.0, max(1.0, rec.retry_at - self.clock())),
                         )
                     if rec.state is State.WARMING and not wait:
                         return replace(rec)
@@ -413,6 +421,12 @@ class ModelPool:
     def _try_start(self, rec: Record, manual: bool) -> int | None:
         """Start loading ``rec`` if capacity allows (lock held); None if it must wait first."""
         now = self.clock()
+        if rec.state is State.FAILED and not manual and rec.retry_at == math.inf:
+            raise LoadFailed(
+                f"model {rec.entry.model_id!r} failed to load ({rec.last_error}); retrying will "
+                "not help until its registry entry changes (a load call tries again)",
+                retry_after=300,
+            )
         if rec.state is State.FAILED and not manual and now < rec.retry_at:
             raise NoCapacity(
                 f"model {rec.entry.model_id!r} failed {rec.failures} times in a row "
@@ -447,17 +461,32 @@ class ModelPool:
         self.lifecycle.start_load(rec.entry.model_id, rec.gen, adopt=False)
         return rec.gen
 
+    def reassign_port(self, model_id: str, gen: int, bad_port: int) -> int | None:
+        """A new port for a load whose port turned out to be taken (the old one is avoided)."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.gen != gen or rec.state is not State.WARMING:
+                return None
+            self._avoid[bad_port] = self.clock() + AVOID_PORT_SECONDS
+            try:
+                rec.port = self._choose_port(rec)
+            except PortUnavailableError:
+                return None
+            return rec.port
+
     def _choose_port(self, rec: Record) -> int:
         s = self.settings
         in_use = {r.port for r in self._records.values() if r.port is not None and r is not rec}
         pinned = {r.entry.port for r in self._records.values() if r.entry.port is not None}
         order = self._warmups()
         req = PortRequest(rec.entry.model_id, rec.entry.port, order, pinned - {rec.entry.port})
+        now = self.clock()
+        avoid = {p for p, until in self._avoid.items() if until > now}
         return choose_port(
             req,
             s.port_range.start,
             s.port_range.end,
-            in_use,
+            in_use | avoid,
             self.is_port_free,
             warmup_ports(order, pinned, s.port_range.start),
         )
@@ -515,7 +544,14 @@ class ModelPool:
         self.on_change()
 
     def load_failed(
-        self, model_id: str, gen: int, error: str, reason: str, *, removed: bool = True
+        self,
+        model_id: str,
+        gen: int,
+        error: str,
+        reason: str,
+        *,
+        removed: bool = True,
+        permanent: bool = False,
     ) -> None:
         """WARMING → FAILED, after the lifecycle tried to stop and remove the worker.
 
@@ -531,6 +567,8 @@ class ModelPool:
             if count:
                 rec.failures += 1
                 rec.retry_at = policy.retry_not_before(rec.failures, self.clock())
+            if permanent:
+                rec.retry_at = math.inf  # until the entry changes, or a load call asks
             rec.last_error = error
             if removed:
                 self._forget_process(rec)

@@ -193,6 +193,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         restart=True,
     ),
     Setting("api_key", _str, "bearer token required by the API; empty = no auth"),
+    Setting("public_paths", _str_list, "paths that need no api_key (health checks, metrics)"),
 )
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
 
@@ -226,10 +227,19 @@ class Settings:
     )
     service_registry_heartbeat_seconds: float = 30.0
     api_key: str = ""
+    public_paths: tuple[str, ...] = (
+        "/health",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/sd/workers",
+        "/openapi.json",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["warmup_models"] = list(self.warmup_models)
+        data["public_paths"] = list(self.public_paths)
         data["service_registry_paths"] = dict(self.service_registry_paths)
         return data
 

@@ -19,6 +19,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from model_service.auth import bearer_ok
 from model_service.backends import make_backend
 from model_service.backends.base import Backend, BackendError, Result
 from model_service.metrics import WorkerMetrics
@@ -37,6 +38,9 @@ class WorkerState:
         self.backend = backend
         self.status = "loading"
         self.error: str | None = None
+        #: "permanent" (bad file, bad config, unknown model: retrying will not help) or
+        #: "transient" (backend down, crash, timeout).
+        self.error_kind: str | None = None
         self.started = time.time()
         self.ready_at: float | None = None
         self.requests_served = 0
@@ -52,17 +56,18 @@ class WorkerState:
         try:
             self.backend.load()
         except BackendError as exc:
-            self._finish("error", exc.message)
+            self._finish("error", exc.message, exc.permanent)
         except Exception as exc:
             log.exception("loading %s failed", self.spec.model_id)
-            self._finish("error", f"{type(exc).__name__}: {exc}")
+            self._finish("error", f"{type(exc).__name__}: {exc}", False)
         else:
-            self._finish("ready", None)
+            self._finish("ready", None, False)
 
-    def _finish(self, status: str, error: str | None) -> None:
+    def _finish(self, status: str, error: str | None, permanent: bool) -> None:
         with self._lock:
             self.status = status
             self.error = error
+            self.error_kind = ("permanent" if permanent else "transient") if error else None
             self.ready_at = time.time()
         self.ready.set()
         log.info("model=%s status=%s error=%s", self.spec.model_id, status, error)
@@ -93,6 +98,7 @@ class WorkerState:
                 "backend": self.spec.backend,
                 "status": self.status,
                 "error": self.error,
+                "error_kind": self.error_kind,
                 "uptime_seconds": round(time.time() - self.started, 1),
                 "requests_served": self.requests_served,
                 "in_flight": self.in_flight,
@@ -138,6 +144,21 @@ def create_app(
     @app.get("/metrics")
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.before_request
+    def require_key() -> Response | None:
+        if not spec.api_key or not request.path.startswith("/v1/"):
+            return None
+        if bearer_ok(request.headers.get("Authorization"), spec.api_key):
+            return None
+        resp = error_response(
+            "missing or wrong API key: send Authorization: Bearer <api_key>",
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+        )
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
 
     @app.get("/health")
     def health() -> Response:

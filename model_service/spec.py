@@ -39,6 +39,8 @@ class WorkerSpec:
     load_timeout_seconds: float = 300.0
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = 8 * 1024 * 1024
+    #: Bearer token required on /v1 (empty: none), the pool's api_key.
+    api_key: str = ""
 
     @property
     def backend_model(self) -> str:

@@ -110,7 +110,8 @@ def test_candidate_itself_and_cold_models_do_not_count() -> None:
 
 
 def test_backoff() -> None:
-    assert policy.retry_not_before(1, 100.0) == 100.0
-    assert policy.retry_not_before(2, 100.0) == 105.0
-    assert policy.retry_not_before(3, 100.0) == 110.0
+    assert policy.retry_not_before(0, 100.0) == 100.0
+    assert policy.retry_not_before(1, 100.0) == 110.0
+    assert policy.retry_not_before(2, 100.0) == 120.0
+    assert policy.retry_not_before(3, 100.0) == 140.0
     assert policy.retry_not_before(50, 100.0) == 400.0

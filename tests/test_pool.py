@@ -128,14 +128,27 @@ def test_waiters_see_the_failure_and_do_not_retry_it() -> None:
 
 def test_failed_model_backoff_applies_to_requests_not_to_load_calls() -> None:
     pool, fake, clock = make([ModelEntry("a")])
-    for _ in range(2):
+    for expected in (10, 20):
         pool.ensure_loaded("a", wait=False, manual=True)
         pool.load_failed("a", fake.loads[-1][1], "boom", "exited")
-    with pytest.raises(NoCapacity) as info:
-        pool.ensure_loaded("a", wait=False)
-    assert info.value.retry_after == pytest.approx(5)
-    clock.now += 6
+        with pytest.raises(NoCapacity) as info:
+            pool.ensure_loaded("a", wait=False)
+        assert info.value.retry_after == pytest.approx(expected)
+    clock.now += 21
     assert pool.ensure_loaded("a", wait=False).state is State.WARMING
+
+
+def test_a_permanent_failure_is_not_retried_until_a_load_call() -> None:
+    pool, fake, clock = make([ModelEntry("a")])
+    pool.ensure_loaded("a", wait=False)
+    pool.load_failed(
+        "a", fake.loads[-1][1], "model file not found: /x", "backend_error", permanent=True
+    )
+    clock.now += 10**6
+    with pytest.raises(LoadFailed, match="registry entry changes"):
+        pool.ensure_loaded("a", wait=False)
+    assert pool.describe(pool.record("a"))["retryable"] is False
+    assert pool.ensure_loaded("a", wait=False, manual=True).state is State.WARMING
 
 
 def test_load_timeout() -> None:
@@ -384,13 +397,13 @@ def test_a_worker_that_could_not_be_removed_keeps_its_port_until_cleaned() -> No
     rec = pool.record("a")
     assert rec.port == port and rec.needs_cleanup
     with pytest.raises(LoadTimeout):  # no new load while the old worker may still run
-        pool.ensure_loaded("a", timeout=0.2)
+        pool.ensure_loaded("a", timeout=0.2, manual=True)
     pool.retry_cleanups()
     assert fake.cleanups == [("a", rec.gen)]
     pool.cleaned("a", rec.gen, removed=True)
     rec = pool.record("a")
     assert rec.port is None and not rec.needs_cleanup
-    assert pool.ensure_loaded("a", wait=False).state is State.WARMING
+    assert pool.ensure_loaded("a", wait=False, manual=True).state is State.WARMING
 
 
 def test_crash_loops_back_off() -> None:

@@ -19,6 +19,8 @@ class WorkerHealth:
     last_request_at: float | None = None
     memory_mb: float | None = None
     error: str | None = None
+    #: "permanent" when retrying the load will not help.
+    error_kind: str | None = None
     pid: int | None = None
     raw: dict[str, Any] | None = None
 
@@ -39,6 +41,7 @@ class WorkerHealth:
             last_request_at=num("last_request_at"),
             memory_mb=num("memory_mb"),
             error=data.get("error") if isinstance(data.get("error"), str) else None,
+            error_kind=data.get("error_kind") if isinstance(data.get("error_kind"), str) else None,
             pid=int(p) if (p := num("pid")) is not None else None,
             raw=data,
         )

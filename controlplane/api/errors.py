@@ -37,7 +37,8 @@ def error_body(
     resp = jsonify({"error": {"message": message, "type": type_, "code": code}})
     resp.status_code = status
     if retry_after is not None:
-        resp.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        seconds = retry_after if math.isfinite(retry_after) else 3600
+        resp.headers["Retry-After"] = str(max(1, math.ceil(min(seconds, 3600))))
     return resp
 
 

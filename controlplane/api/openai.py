@@ -53,6 +53,8 @@ def _relay(path: str) -> Response:
             VIA_HEADER: "frontdoor",
             "Accept": request.headers.get("Accept", "*/*"),
         }
+        if svc.pool.settings.api_key:
+            headers["Authorization"] = f"Bearer {svc.pool.settings.api_key}"
         assert rec.port is not None
         resp, done = proxy.send(svc.node.bind_host, rec.port, "POST", path, raw, headers)
     except WorkerUnreachable as exc:

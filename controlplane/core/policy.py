@@ -12,9 +12,7 @@ from typing import Final
 from controlplane.core.states import OCCUPYING, Event, State
 
 MINUTE: Final = 60.0
-#: Failures in a row after which a load is no longer retried at once.
-FREE_RETRIES: Final = 1
-BACKOFF_BASE_SECONDS: Final = 5.0
+BACKOFF_BASE_SECONDS: Final = 10.0
 BACKOFF_MAX_SECONDS: Final = 300.0
 
 
@@ -188,10 +186,10 @@ def plan_capacity(
 def retry_not_before(failures: int, failed_at: float) -> float:
     """When a model that failed ``failures`` times in a row may be loaded again automatically.
 
-    The first failure is retried at once; after that the cooldown doubles from
-    BACKOFF_BASE_SECONDS up to BACKOFF_MAX_SECONDS.
+    The cooldown doubles from BACKOFF_BASE_SECONDS after the first failure up to
+    BACKOFF_MAX_SECONDS (a ``load`` call does not wait for it).
     """
-    if failures <= FREE_RETRIES:
+    if failures <= 0:
         return failed_at
-    delay = BACKOFF_BASE_SECONDS * 2.0 ** (failures - FREE_RETRIES - 1)
+    delay = BACKOFF_BASE_SECONDS * 2.0 ** (failures - 1)
     return failed_at + min(delay, BACKOFF_MAX_SECONDS)

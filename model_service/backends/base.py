@@ -26,6 +26,11 @@ class BackendError(Exception):
         self.code = code
         self.retry_after = retry_after
 
+    @property
+    def permanent(self) -> bool:
+        """Retrying will not help (a bad file or option, a model the backend does not have)."""
+        return self.type == "configuration_error" or self.status in (400, 401, 403, 404)
+
 
 class BackendUnavailable(BackendError):
     """The backend cannot be reached (503 with Retry-After)."""

@@ -1,0 +1,99 @@
+"""Lifecycle tasks with a fake supervisord and a fake worker probe (no processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from controlplane.adapters.supervisord import ProcessInfo, UnknownProgram
+from controlplane.adapters.worker import WorkerHealth
+from controlplane.core.states import State
+from controlplane.lifecycle import BIND_FAILED, Workers
+from controlplane.node import Node
+from controlplane.pool import ModelPool
+from controlplane.settings import ModelEntry, parse_settings
+
+
+class FakeSupervisor:
+    """Programs live in a dict; a port listed in ``taken`` makes gunicorn log a bind failure."""
+
+    def __init__(self, node: Node, taken: set[int]) -> None:
+        self.node = node
+        self.taken = taken
+        self.running: dict[str, int] = {}  # program -> port
+        self.starts: list[tuple[str, int]] = []
+
+    def _port(self, program: str) -> int:
+        spec = json.loads(self.node.paths.spec_file(program).read_text())
+        return int(spec["port"])
+
+    def add_program(self, name: str) -> None:
+        assert self.node.paths.program_conf(name).exists()
+
+    def start(self, name: str) -> None:
+        port = self._port(name)
+        self.running[name] = port
+        self.starts.append((name, port))
+
+    def process(self, name: str) -> ProcessInfo:
+        if name not in self.running:
+            raise UnknownProgram(name)
+        return ProcessInfo(name, name, "RUNNING", 4242, 0, 0, "")
+
+    def log_tail(self, name: str, length: int = 2000) -> str:
+        port = self.running.get(name)
+        return f"[ERROR] {BIND_FAILED}: ('127.0.0.1', {port})" if port in self.taken else ""
+
+    def stop(self, name: str, timeout: float) -> None:
+        self.running.pop(name, None)
+
+    def remove_program(self, name: str) -> None:
+        pass
+
+    def signal(self, name: str, signame: str) -> None:
+        pass
+
+
+class FakeProbe:
+    def __init__(self, sup: FakeSupervisor, model: str) -> None:
+        self.sup, self.model = sup, model
+
+    def health(self, host: str, port: int, timeout: float) -> WorkerHealth | None:
+        if port in self.sup.taken or port not in self.sup.running.values():
+            return None
+        return WorkerHealth(status="ready", model=self.model, pid=4243)
+
+
+def test_a_port_taken_at_bind_time_is_retried_on_another(tmp_path: Path) -> None:
+    settings = parse_settings({"port_range": {"start": 9100, "end": 9110}, "control_port": 9099})
+    pool = ModelPool(settings, (ModelEntry("m"),))
+    node = Node.local(tmp_path / "run", settings)
+    node.paths.create()
+    sup = FakeSupervisor(node, taken={9100})
+    workers = Workers(pool, node, sup, FakeProbe(sup, "m"))  # type: ignore[arg-type]
+    pool.lifecycle = workers
+    rec = pool.ensure_loaded("m", timeout=20)
+    assert rec.state is State.HOT and rec.port == 9101
+    assert [port for _, port in sup.starts] == [9100, 9101]
+    # The taken port is avoided for a while, not offered to the next model.
+    assert 9100 in pool._avoid
+    workers.join(5)
+
+
+def test_a_stop_waits_for_the_registry_withdrawal_hook(tmp_path: Path) -> None:
+    settings = parse_settings({"port_range": {"start": 9100, "end": 9110}, "control_port": 9099})
+    pool = ModelPool(settings, (ModelEntry("m"),))
+    node = Node.local(tmp_path / "run", settings)
+    node.paths.create()
+    sup = FakeSupervisor(node, taken=set())
+    workers = Workers(pool, node, sup, FakeProbe(sup, "m"))  # type: ignore[arg-type]
+    pool.lifecycle = workers
+    order: list[Any] = []
+    workers.before_stop = lambda model_id: order.append(("withdraw", dict(sup.running)))
+    pool.ensure_loaded("m", timeout=20)
+    pool.unload("m", wait=True)
+    assert pool.record("m").state is State.COLD
+    # The withdrawal ran while the worker was still running, i.e. before its drain.
+    assert order and order[0][0] == "withdraw" and order[0][1]
+    workers.join(5)
