@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+import yaml
 
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
 from controlplane.app import CONFIG_DIR_ENV, RUN_DIR_ENV, default_dirs
@@ -237,14 +238,24 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    api = _api(args)
-    data = api.call("GET", "/models")
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    rows = [["MODEL", "STATE", "PORT", "MEMORY", "TTL LEFT", "IN FLIGHT", "REQUESTS", "LAST ERROR"]]
+def _status_table(data: dict[str, Any]) -> str:
+    rows = [
+        [
+            "MODEL",
+            "STATE",
+            "PORT",
+            "MEMORY",
+            "TTL LEFT",
+            "IN FLIGHT",
+            "REQUESTS",
+            "WARM",
+            "LAST ERROR",
+        ]
+    ]
     for m in data["models"]:
+        warm = "warmup" if m["warmup"] else ("window" if m.get("scheduled_now") else "")
+        if not warm and m.get("schedule"):
+            warm = "sched"
         rows.append(
             [
                 m["model_id"],
@@ -254,10 +265,63 @@ def cmd_status(args: argparse.Namespace) -> int:
                 _fmt_ttl(m),
                 str(m["in_flight"]),
                 str(m["requests"]),
+                warm or "-",
                 (m["last_error"] or "")[:60],
             ]
         )
-    print(_table(rows))
+    return _table(rows)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    api = _api(args)
+    shown = 0
+    tty = sys.stdout.isatty()
+    while True:
+        data = api.call("GET", "/models")
+        if args.json:
+            print(json.dumps(data, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch and tty:
+                print("\033[H\033[2J", end="")  # clear the screen, cursor home
+            if args.watch:
+                print(time.strftime("%H:%M:%S"), flush=True)
+            print(_status_table(data), flush=True)
+        shown += 1
+        if not args.watch or (args.count and shown >= args.count):
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _parse_value(text: str) -> Any:
+    """A config value as typed on a command line: YAML scalars, lists and mappings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CliError(f"value: {text!r} is not valid YAML ({exc})", EXIT_USAGE) from None
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    api = _api(args)
+    if args.action == "get":
+        data = api.call("GET", "/config")
+        if args.key:
+            if args.key not in data:
+                raise CliError(f"{args.key}: unknown key (known: {', '.join(sorted(data))})", 2)
+            value = data[args.key]
+            print(json.dumps(value) if not isinstance(value, str) else value)
+        else:
+            print(yaml.safe_dump(data, sort_keys=False).rstrip())
+        return 0
+    if args.key is None or args.value is None:
+        raise CliError("usage: modelpool config set KEY VALUE", EXIT_USAGE)
+    result = api.call("PATCH", "/config", {args.key: _parse_value(args.value)})
+    value = result["config"][args.key]
+    print(f"{args.key} = {json.dumps(value)}")
+    if result.get("restart_required"):
+        print(f"takes effect after a restart: {', '.join(result['restart_required'])}")
     return 0
 
 
@@ -350,7 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_down)
     s = sub.add_parser("status", help="a table of models, states, ports, TTL left")
     s.add_argument("--json", action="store_true", help="print the raw JSON")
+    s.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=0.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 1) until interrupted",
+    )
+    s.add_argument("--count", type=int, default=0, help="with --watch: stop after COUNT refreshes")
     s.set_defaults(fn=cmd_status)
+    s = sub.add_parser("config", help="read or change a setting (PATCH /config)")
+    s.add_argument("action", choices=["get", "set"])
+    s.add_argument("key", nargs="?")
+    s.add_argument("value", nargs="?", help="a YAML value: 5, 0.5, true, [a, b], {start: 1}")
+    s.set_defaults(fn=cmd_config)
     s = sub.add_parser("load", help="load a model and wait until it is HOT")
     s.add_argument("model")
     s.add_argument("--timeout", type=float, default=600)

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from controlplane.core import policy
+from controlplane.core import policy, schedule
 from controlplane.core.ports import PortRequest, PortUnavailableError, choose_port, warmup_ports
+from controlplane.core.schedule import Window
 from controlplane.core.slug import program_name
 from controlplane.core.states import OCCUPYING, SERVING, Event, State, next_state
 from controlplane.errors import (
@@ -100,6 +101,10 @@ class Record:
     history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
 
     @property
+    def windows(self) -> tuple[Window, ...]:
+        return self.entry.windows()
+
+    @property
     def requests(self) -> int:
         return self.requests_base + self.worker_requests
 
@@ -172,6 +177,8 @@ class ModelPool:
         self.draining = False
         #: Ports found taken by someone else at bind time, avoided until the given time.
         self._avoid: dict[int, float] = {}
+        #: Models inside one of their warmup schedule windows right now.
+        self._scheduled: set[str] = set()
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -190,9 +197,42 @@ class ModelPool:
     def _warmups(self) -> tuple[str, ...]:
         return warmup_ids(tuple(self._records[m].entry for m in self._order), self.settings)
 
+    def _kept(self) -> set[str]:
+        """Models kept loaded now: warmup models and those inside a schedule window."""
+        return set(self._warmups()) | self._scheduled
+
+    def scheduled_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._scheduled)
+
+    def refresh_schedules(self, weekday: int, minute: int) -> set[str]:
+        """Recompute which models are inside a warmup window (local time); return them.
+
+        A model whose window opens stops expiring; one whose window closes gets a deadline of
+        now + its TTL, as if it had just been used.
+        """
+        with self._lock:
+            now_in = {
+                m
+                for m, r in self._records.items()
+                if r.entry.schedule and schedule.active(r.windows, weekday, minute)
+            }
+            if now_in != self._scheduled:
+                self._scheduled = now_in
+                now = self.clock()
+                for rec in self._records.values():
+                    if rec.state in SERVING:
+                        ttl = self.ttl_minutes(rec)
+                        if ttl == 0:
+                            rec.deadline = None
+                        elif rec.deadline is None:
+                            rec.deadline = policy.deadline_after(now, ttl)
+                self.dirty = True
+            return set(now_in)
+
     def ttl_minutes(self, rec: Record) -> float:
         """The model's effective TTL (0: never expires)."""
-        warm = rec.entry.model_id in self._warmups()
+        warm = rec.entry.model_id in self._kept()
         return policy.effective_ttl_minutes(rec.entry.ttl_minutes, warm, self._bounds())
 
     def _bounds(self) -> policy.TtlBounds:
@@ -254,6 +294,8 @@ class ModelPool:
             "deadline": rec.deadline if loaded else None,
             "grace_until": rec.grace_until if rec.state is State.COOLING else None,
             "warmup": warm,
+            "schedule": [w.describe() for w in rec.windows],
+            "scheduled_now": rec.entry.model_id in self._scheduled,
             "memory_mb": round(rec.memory(), 1) if rec.state in OCCUPYING else 0.0,
             "memory_source": "measured" if rec.measured_mb is not None else "estimate",
             "requests": rec.requests,
@@ -277,7 +319,7 @@ class ModelPool:
             return self._views()
 
     def _views(self) -> list[policy.ModelView]:
-        warm = set(self._warmups())
+        warm = self._kept()
         return [
             policy.ModelView(
                 model_id=r.entry.model_id,

@@ -131,6 +131,8 @@ class Reaper:
             self.last_tick = self.clock()
             return  # no unloads or restarts while the process manager is away
         self.pool.available = True
+        local = time.localtime(self.clock())
+        self.pool.refresh_schedules(local.tm_wday, local.tm_hour * 60 + local.tm_min)
         for w in loaded:
             if w.model_id not in serving:
                 continue

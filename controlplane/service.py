@@ -222,13 +222,17 @@ class PoolService:
         self.workers.spawn(f"warmup-{model_id}", run)
 
     def _keep_warm(self) -> None:
-        """Reload warmup models that went COLD or FAILED (respecting the failure backoff)."""
+        """Load warmup models (and those in a schedule window) that are COLD or FAILED.
+
+        The failure backoff applies; a permanent failure is not retried.
+        """
         if not self.pool.available:
             return
         now = self.pool.clock()
+        kept = set(self.pool.warmup_ids()) | self.pool.scheduled_ids()
         for rec in self.pool.records():
             if (
-                rec.entry.model_id in self.pool.warmup_ids()
+                rec.entry.model_id in kept
                 and rec.state in (State.COLD, State.FAILED)
                 and not rec.busy
                 and rec.retry_at <= now

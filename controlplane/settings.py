@@ -19,6 +19,8 @@ from typing import Any, Final
 
 import yaml
 
+from controlplane.core.schedule import ScheduleError, Window, parse_window
+
 CONFIG_BASENAME: Final = "model_pool_config"
 REGISTRY_BASENAME: Final = "model_pool_registry"
 BACKENDS: Final = ("ollama", "llamacpp", "openai")
@@ -299,11 +301,17 @@ class ModelEntry:
     port: int | None = None
     memory_mb: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Warmup windows, e.g. ``[{"days": "mon-fri", "start": "08:00", "end": "18:00"}]``.
+    schedule: tuple[Mapping[str, Any], ...] = ()
+
+    def windows(self) -> tuple[Window, ...]:
+        return tuple(parse_window(f"schedule[{i}]", w) for i, w in enumerate(self.schedule))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["tags"] = list(self.tags)
         data["options"] = dict(self.options)
+        data["schedule"] = [dict(w) for w in self.schedule]
         return {k: v for k, v in data.items() if v not in (None, "", [], {}) or k == "model_id"}
 
 
@@ -361,6 +369,16 @@ def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
         if not isinstance(opts, Mapping) or not all(isinstance(x, str) for x in opts):
             raise ConfigError(f"{k('options')}: {opts!r} is not a mapping of option names")
         values["options"] = dict(opts)
+    if raw.get("schedule") is not None:
+        windows = raw["schedule"]
+        if not isinstance(windows, list):
+            raise ConfigError(f"{k('schedule')}: {windows!r} is not a list of windows")
+        try:
+            for i, w in enumerate(windows):
+                parse_window(f"{k('schedule')}[{i}]", w)
+        except ScheduleError as exc:
+            raise ConfigError(str(exc)) from None
+        values["schedule"] = tuple(dict(w) for w in windows)
     return ModelEntry(**values)
 
 
