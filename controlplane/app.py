@@ -10,7 +10,9 @@ from flask import Flask, Response, request
 
 from controlplane.adapters.proxy import WorkerProxy
 from controlplane.api import control, errors, metrics, openai, ops
+from controlplane.core.states import State
 from controlplane.node import PROJECT_DIR
+from controlplane.pool import Record
 from controlplane.service import PoolService
 from controlplane.settings import ConfigStore
 from model_service.auth import bearer_ok
@@ -38,7 +40,16 @@ def create_app(service: PoolService | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXT] = service
-    app.extensions[openai.PROXY_EXT] = WorkerProxy()
+    proxy = WorkerProxy()
+    app.extensions[openai.PROXY_EXT] = proxy
+    host = service.node.bind_host
+
+    def drop_idle(rec: Record, old: State, new: State) -> None:
+        # A worker that starts to drain (or died) needs no idle connection of ours.
+        if new in (State.UNLOADING, State.FAILED) and rec.port is not None:
+            proxy.forget(host, rec.port)
+
+    service.pool.listeners.append(drop_idle)
     errors.register(app)
 
     @app.before_request

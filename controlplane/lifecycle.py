@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.adapters.procmem import tree_rss_mb
+from controlplane.adapters.procmem import pids_with_cmdline, terminate, tree_rss_mb
 from controlplane.adapters.supervisord import (
     SupervisorClient,
     SupervisorError,
@@ -309,12 +309,24 @@ class Workers(Lifecycle):
         s = self.pool.settings
         try:
             self.supervisor.stop(program, timeout=s.graceful_shutdown_seconds + 30)
+            self._kill_leftovers(program)
             self.node.delete_program(program)
             self.supervisor.remove_program(program)
         except (SupervisorError, OSError) as exc:
             log.error("removing program %s failed: %s", program, exc)
             return False
         return True
+
+    def _kill_leftovers(self, program: str) -> None:
+        """Stop what a killed gunicorn master left behind (its worker, holding port and model).
+
+        supervisord kills the process group only when it stops a program itself; a master
+        killed from outside orphans its worker. They carry the spec path on their command line.
+        """
+        leftovers = pids_with_cmdline(f"MODELPOOL_SPEC={self.node.paths.spec_file(program)}")
+        if leftovers:
+            log.warning("stopping leftover processes of %s: %s", program, leftovers)
+            terminate(leftovers)
 
 
 @dataclass(frozen=True)

@@ -164,8 +164,8 @@ class ModelPool:
         self.is_port_free: Callable[[int], bool] = lambda port: True
         #: Called (outside the lock) after a change that may move the next deadline.
         self.on_change: Callable[[], None] = lambda: None
-        #: Called under the lock after every transition: must only record, never block.
-        self.on_transition: Callable[[Record, State, State], None] = lambda rec, old, new: None
+        #: Called under the lock after every transition: they must only record, never block.
+        self.listeners: list[Callable[[Record, State, State], None]] = []
         self.dirty = False
         self.counters: dict[str, int] = {}
         self.stats = PoolStats()
@@ -358,7 +358,8 @@ class ModelPool:
             took,
             rec.port,
         )
-        self.on_transition(rec, old, new)
+        for listener in self.listeners:
+            listener(rec, old, new)
         self._changed.notify_all()
         return new
 
@@ -470,7 +471,7 @@ class ModelPool:
                 retry_after=300,
             )
         if rec.state is State.FAILED and not manual and now < rec.retry_at:
-            raise NoCapacity(
+            raise LoadFailed(
                 f"model {rec.entry.model_id!r} failed {rec.failures} times in a row "
                 f"({rec.last_error}); next try in {rec.retry_at - now:.0f} s",
                 retry_after=rec.retry_at - now,

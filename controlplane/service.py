@@ -91,7 +91,7 @@ class PoolService:
                 dict(settings.service_registry_paths),
                 settings.service_registry_heartbeat_seconds,
             )
-            self.pool.on_transition = self._tell_registry
+            self.pool.listeners.append(self._tell_registry)
             self.workers.before_stop = self._withdraw_before_stop
         self._mutate = threading.Lock()
         self._warming: set[str] = set()

@@ -131,7 +131,7 @@ def test_failed_model_backoff_applies_to_requests_not_to_load_calls() -> None:
     for expected in (10, 20):
         pool.ensure_loaded("a", wait=False, manual=True)
         pool.load_failed("a", fake.loads[-1][1], "boom", "exited")
-        with pytest.raises(NoCapacity) as info:
+        with pytest.raises(LoadFailed) as info:
             pool.ensure_loaded("a", wait=False)
         assert info.value.retry_after == pytest.approx(expected)
     clock.now += 21

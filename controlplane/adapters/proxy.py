@@ -1,12 +1,13 @@
 """Relaying one HTTP request to a model worker and its answer back, chunk by chunk.
 
-Plain ``http.client`` with one keep-alive connection per thread and worker: the front door adds
-as little as possible to each request (see bench/proxy_overhead.py).
+Plain ``http.client`` over a shared pool of keep-alive connections: the front door adds as little
+as possible to each request (see bench/proxy_overhead.py).
 """
 
 from __future__ import annotations
 
 import http.client
+import select
 import threading
 from collections.abc import Callable, Iterator
 
@@ -18,20 +19,61 @@ class WorkerUnreachable(Exception):
     """The worker did not accept the request (not listening, reset before an answer)."""
 
 
+#: Idle keep-alive connections kept per worker (more are closed after use).
+MAX_IDLE_PER_WORKER = 64
+
+
+def _stale(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection that has something to read was closed (or broken) by the worker."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class WorkerProxy:
-    """Sends requests to workers over per-thread keep-alive connections."""
+    """Sends requests to workers over a shared pool of idle keep-alive connections."""
 
     def __init__(self, timeout: float = 3600.0) -> None:
         self.timeout = timeout
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, int], list[http.client.HTTPConnection]] = {}
 
-    def _pool(self) -> dict[tuple[str, int], http.client.HTTPConnection]:
-        pool: dict[tuple[str, int], http.client.HTTPConnection] | None = getattr(
-            self._local, "conns", None
-        )
-        if pool is None:
-            pool = self._local.conns = {}
-        return pool
+    def _take(self, key: tuple[str, int]) -> http.client.HTTPConnection | None:
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                conn = idle.pop() if idle else None
+            if conn is None or not _stale(conn):
+                return conn
+            conn.close()
+
+    def _give_back(self, key: tuple[str, int], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < MAX_IDLE_PER_WORKER:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def forget(self, host: str, port: int) -> None:
+        """Close the idle connections to a worker that is stopping or gone.
+
+        gunicorn waits for idle keep-alive connections when it stops, and a stopped worker's
+        half-closed connections would otherwise hold file descriptors here.
+        """
+        with self._lock:
+            idle = self._idle.pop((host, port), [])
+        for conn in idle:
+            conn.close()
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
 
     def send(
         self, host: str, port: int, method: str, path: str, body: bytes, headers: dict[str, str]
@@ -41,10 +83,9 @@ class WorkerProxy:
         A kept-alive connection that the worker closed meanwhile is retried once on a fresh
         connection (the worker never saw the request); a refused connection is not.
         """
-        conns = self._pool()
         key = (host, port)
         for attempt in (0, 1):
-            conn = conns.pop(key, None)
+            conn = self._take(key)
             fresh = conn is None
             if conn is None:
                 conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
@@ -66,26 +107,25 @@ class WorkerProxy:
             except OSError as exc:
                 conn.close()
                 raise WorkerUnreachable(f"worker on port {port} is not reachable: {exc}") from None
-
-            return resp, _Release(conns, key, conn, resp)
+            return resp, _Release(self, key, conn, resp)
         raise WorkerUnreachable(f"worker on port {port} is not reachable")  # pragma: no cover
 
 
 class _Release:
-    """Give a connection back to its thread's pool once its answer was read to the end."""
+    """Give a connection back to the pool once its answer was read to the end."""
 
     def __init__(
         self,
-        conns: dict[tuple[str, int], http.client.HTTPConnection],
+        proxy: WorkerProxy,
         key: tuple[str, int],
         conn: http.client.HTTPConnection,
         resp: http.client.HTTPResponse,
     ) -> None:
-        self.conns, self.key, self.conn, self.resp = conns, key, conn, resp
+        self.proxy, self.key, self.conn, self.resp = proxy, key, conn, resp
 
     def __call__(self, reusable: bool) -> None:
         if reusable and not self.resp.will_close:
-            self.conns[self.key] = self.conn
+            self.proxy._give_back(self.key, self.conn)
         else:
             self.conn.close()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from flask import Blueprint, Response, redirect, send_from_directory, url_for
+from werkzeug.wrappers import Response as BaseResponse
 
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 
@@ -33,13 +34,13 @@ def security_headers(resp: Response) -> Response:
 
 
 @bp.get("/")
-def root() -> Response:
+def root() -> BaseResponse:
     return redirect(url_for("ui.page"))
 
 
 @bp.get("/ui", strict_slashes=False)
 def page() -> Response:
-    resp = send_from_directory(STATIC_DIR, "index.html", max_age=0)
+    resp = send_from_directory(STATIC_DIR, "index.html")
     resp.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     resp.headers["X-Frame-Options"] = "DENY"
     resp.headers["Referrer-Policy"] = "no-referrer"
