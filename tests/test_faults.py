@@ -90,7 +90,10 @@ def test_sigkilled_worker_is_noticed_within_2_seconds(stack: Stack) -> None:
     failed = stack.wait_state("llama3.1:8b", "FAILED", timeout=5)
     assert time.monotonic() - killed < 2.0
     assert "exited unexpectedly" in failed["last_error"]
-    wait_until(lambda: not processes_mentioning(f"{m['program']}.json"), timeout=10)
+    wait_until(
+        lambda: not processes_mentioning(str(stack.run_dir / "specs" / f"{m['program']}.json")),
+        timeout=10,
+    )
 
 
 def test_permanent_load_failure_is_not_retried(stack: Stack, standin: OllamaStandin) -> None:

@@ -122,7 +122,7 @@ def test_full_lifecycle_with_short_ttl(stack: Stack, standin: OllamaStandin) -> 
     assert cold["port"] is None and cold["endpoint"] is None
     # The worker is gone, supervisord forgot it, the port is free, Ollama was told to unload.
     assert program not in stack.supervisorctl("status").stdout
-    assert not processes_mentioning(f"{program}.json")
+    assert not processes_mentioning(str(stack.run_dir / "specs" / f"{program}.json"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
     unloads = [c for c in standin.calls_to("/api/generate") if c.body.get("keep_alive") == 0]
@@ -194,7 +194,10 @@ def test_sigkilled_worker_is_noticed(stack: Stack) -> None:
     assert failed["state"] != "HOT"
     assert "exit" in (failed["last_error"] or "") or failed["state"] == "WARMING"
     # The killed master's gunicorn child does not linger holding the port or the model.
-    wait_until(lambda: not processes_mentioning(f"{m['program']}.json"), timeout=10)
+    wait_until(
+        lambda: not processes_mentioning(str(stack.run_dir / "specs" / f"{m['program']}.json")),
+        timeout=10,
+    )
     # It loads again on the next call.
     again = stack.load("qwen2.5-coder:7b")
     assert again["state"] == "HOT" and again["pid"] != pid
