@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
+import yaml
 from flask import Flask, Response, request
 
+from controlplane import ui
 from controlplane.adapters.proxy import WorkerProxy
 from controlplane.api import control, errors, metrics, openai, ops
 from controlplane.core.states import State
@@ -20,6 +23,7 @@ from model_service.auth import bearer_ok
 RUN_DIR_ENV = "MODELPOOL_RUN_DIR"
 CONFIG_DIR_ENV = "MODELPOOL_CONFIG_DIR"
 EXT = "modelpool"
+OPENAPI = Path(__file__).resolve().parent / "openapi.yaml"
 
 
 def default_dirs() -> tuple[Path, Path]:
@@ -27,6 +31,11 @@ def default_dirs() -> tuple[Path, Path]:
     config_dir = Path(os.environ.get(CONFIG_DIR_ENV) or PROJECT_DIR / "config")
     run_dir = Path(os.environ.get(RUN_DIR_ENV) or PROJECT_DIR / "run")
     return config_dir, run_dir
+
+
+def is_public(path: str, public: tuple[str, ...]) -> bool:
+    """Whether ``path`` needs no API key: listed, or under a listed ``prefix/*``."""
+    return any(path == p or (p.endswith("/*") and path.startswith(p[:-1])) for p in public)
 
 
 def create_app(service: PoolService | None = None) -> Flask:
@@ -55,7 +64,7 @@ def create_app(service: PoolService | None = None) -> Flask:
     @app.before_request
     def require_api_key() -> Response | None:
         settings = service.pool.settings
-        if not settings.api_key or request.path in settings.public_paths:
+        if not settings.api_key or is_public(request.path, settings.public_paths):
             return None
         if bearer_ok(request.headers.get("Authorization"), settings.api_key):
             return None
@@ -71,5 +80,12 @@ def create_app(service: PoolService | None = None) -> Flask:
     app.register_blueprint(ops.bp)
     app.register_blueprint(control.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(ui.bp)
+    document = json.dumps(yaml.safe_load(OPENAPI.read_text(encoding="utf-8")))
+
+    @app.get("/openapi.json")
+    def openapi_document() -> Response:
+        return Response(document, mimetype="application/json")
+
     metrics.install(app, service)
     return app

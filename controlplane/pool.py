@@ -916,6 +916,8 @@ class ModelPool:
                     rec.deadline = None
                 elif rec.deadline is None:
                     rec.deadline = policy.deadline_after(now, ttl)
+                else:  # a lower max_ttl_minutes applies to deadlines already set
+                    rec.deadline = min(rec.deadline, now + settings.max_ttl_minutes * 60)
             self.dirty = True
             self._changed.notify_all()
         self.on_change()

@@ -28,6 +28,8 @@ BACKENDS: Final = ("ollama", "llamacpp", "openai")
 IN_PROCESS_BACKENDS: Final = frozenset({"llamacpp"})
 MODEL_ID_MAX: Final = 200
 MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+#: A model id may not end in one of these after a '/': /models/<id>/<segment> is a route.
+RESERVED_LAST_SEGMENTS: Final = frozenset({"health", "load", "unload", "extend-ttl"})
 
 
 class ConfigError(ValueError):
@@ -96,6 +98,11 @@ def validate_model_id(value: Any, key: str = "model_id") -> str:
             f"{key}: {text!r} may hold only letters, digits and . _ : / @ + - "
             "(starting with a letter or digit)"
         )
+    if "/" in text and text.rsplit("/", 1)[1] in RESERVED_LAST_SEGMENTS:
+        raise ConfigError(
+            f"{key}: {text!r} ends in /{text.rsplit('/', 1)[1]}, which the API reserves "
+            "(/models/{id}/health, /load, ...)"
+        )
     return text
 
 
@@ -152,8 +159,45 @@ class Setting:
     restart: bool = False
 
 
-def _num(minimum: float) -> Callable[[str, Any], Any]:
-    return lambda k, v: _number(k, v, minimum=minimum)
+def _num(minimum: float, maximum: float) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        number = _number(key, value, minimum=minimum)
+        if number > maximum:
+            raise ConfigError(f"{key}: {value!r} is above the maximum {maximum:g}")
+        return number
+
+    return check
+
+
+YEAR_MINUTES: Final = 525600.0
+DAY_SECONDS: Final = 86400.0
+#: RFC 6750 bearer token characters: what a client can put in an Authorization header.
+TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+HOST_RE: Final = re.compile(r"^[A-Za-z0-9.:-]+$")
+
+
+def _api_key(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if text and not TOKEN_RE.match(text):
+        raise ConfigError(
+            f"{key}: may hold only letters, digits and - . _ ~ + / (then =), as a bearer token"
+        )
+    return text
+
+
+def _host(key: str, value: Any) -> str:
+    text = _str(key, value)
+    if not HOST_RE.match(text):
+        raise ConfigError(f"{key}: {text!r} is not an IP address or host name")
+    return text
+
+
+def _paths(key: str, value: Any) -> tuple[str, ...]:
+    paths = _str_list(key, value)
+    for i, p in enumerate(paths):
+        if not p.startswith("/") or any(c.isspace() for c in p):
+            raise ConfigError(f"{key}[{i}]: {p!r} is not a URL path starting with /")
+    return paths
 
 
 def _int(minimum: int) -> Callable[[str, Any], Any]:
@@ -161,21 +205,25 @@ def _int(minimum: int) -> Callable[[str, Any], Any]:
 
 
 SETTINGS: Final[tuple[Setting, ...]] = (
-    Setting("default_ttl_minutes", _num(0), "TTL of models whose entry sets none; 0 = never"),
-    Setting("min_ttl_minutes", _num(0), "lower bound of a model's TTL"),
-    Setting("max_ttl_minutes", _num(0), "upper bound of a TTL and of extend-ttl"),
-    Setting("grace_period_minutes", _num(0), "COOLING time after the deadline"),
-    Setting("check_interval_seconds", _num(0.01), "longest sleep of the reaper between checks"),
+    Setting(
+        "default_ttl_minutes",
+        _num(0, YEAR_MINUTES),
+        "TTL of models whose entry sets none; 0 = never",
+    ),
+    Setting("min_ttl_minutes", _num(0, YEAR_MINUTES), "lower bound of a model's TTL"),
+    Setting("max_ttl_minutes", _num(0, YEAR_MINUTES), "upper bound of a TTL and of extend-ttl"),
+    Setting("grace_period_minutes", _num(0, YEAR_MINUTES), "COOLING time after the deadline"),
+    Setting("check_interval_seconds", _num(0.01, DAY_SECONDS), "longest sleep of the reaper"),
     Setting("warmup_models", _str_list, "model ids loaded at start and never expired"),
     Setting("port_range", _port_range, "worker ports {start, end}"),
     Setting("max_concurrent_models", _int(1), "most models loaded at once"),
-    Setting("memory_limit_mb", _num(0), "most memory in use by models; 0 = no limit"),
+    Setting("memory_limit_mb", _num(0, 1e9), "most memory in use by models; 0 = no limit"),
     Setting("auto_unload", _bool, "unload models whose TTL and grace period passed"),
-    Setting("graceful_shutdown_seconds", _num(0), "drain time for in-flight requests on unload"),
-    Setting("load_timeout_seconds", _num(1), "WARMING longer than this is FAILED"),
+    Setting("graceful_shutdown_seconds", _num(0, DAY_SECONDS), "drain time of in-flight requests"),
+    Setting("load_timeout_seconds", _num(1, DAY_SECONDS), "WARMING longer than this is FAILED"),
     Setting("ollama_base_url", _url, "Ollama's HTTP API"),
     Setting("control_port", _port, "control plane port", restart=True),
-    Setting("bind_host", _str, "address the control plane and workers bind", True),
+    Setting("bind_host", _host, "address the control plane and workers bind", True),
     Setting(
         "service_registry_url",
         lambda k, v: _url(k, v, empty_ok=True),
@@ -190,12 +238,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting(
         "service_registry_heartbeat_seconds",
-        _num(0.05),
+        _num(0.05, DAY_SECONDS),
         "heartbeat interval while HOT",
         restart=True,
     ),
-    Setting("api_key", _str, "bearer token required by the API; empty = no auth"),
-    Setting("public_paths", _str_list, "paths that need no api_key (health checks, metrics)"),
+    Setting("api_key", _api_key, "bearer token required by the API; empty = no auth"),
+    Setting("public_paths", _paths, "paths that need no api_key; a trailing * matches a prefix"),
 )
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
 
@@ -236,6 +284,9 @@ class Settings:
         "/metrics",
         "/sd/workers",
         "/openapi.json",
+        "/",
+        "/ui",
+        "/ui/*",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,8 +313,18 @@ def parse_settings(raw: Mapping[str, Any], base: Settings | None = None) -> Sett
             raise ConfigError(
                 f"{key}: unknown key (known keys: {', '.join(sorted(SETTINGS_BY_NAME))})"
             )
-    values = {k: SETTINGS_BY_NAME[k].check(k, v) for k, v in raw.items()}
-    settings = replace(base or Settings(), **values)
+    base = base or Settings()
+    merged = dict(raw)
+    if isinstance(raw.get("port_range"), Mapping):
+        pr = base.port_range
+        merged["port_range"] = {"start": pr.start, "end": pr.end, **raw["port_range"]}
+    if isinstance(raw.get("service_registry_paths"), Mapping):
+        merged["service_registry_paths"] = {
+            **base.service_registry_paths,
+            **raw["service_registry_paths"],
+        }
+    values = {k: SETTINGS_BY_NAME[k].check(k, v) for k, v in merged.items()}
+    settings = replace(base, **values)
     _check_settings(settings)
     return settings
 
@@ -318,6 +379,18 @@ class ModelEntry:
 PRIORITIES: Final = ("low", "normal", "medium", "high", "critical")
 
 
+def _finite(key: str, value: Any) -> None:
+    """Reject NaN and infinities anywhere in a JSON-like value (nothing can forward them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _finite(f"{key}.{k}", v)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _finite(f"{key}[{i}]", v)
+
+
 def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
     """Validate one registry entry; errors name ``where.key``."""
     if not isinstance(raw, Mapping):
@@ -368,6 +441,7 @@ def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
         opts = raw["options"]
         if not isinstance(opts, Mapping) or not all(isinstance(x, str) for x in opts):
             raise ConfigError(f"{k('options')}: {opts!r} is not a mapping of option names")
+        _finite(k("options"), opts)
         values["options"] = dict(opts)
     if raw.get("schedule") is not None:
         windows = raw["schedule"]

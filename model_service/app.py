@@ -19,6 +19,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from model_service import jsonbody
 from model_service.auth import bearer_ok
 from model_service.backends import make_backend
 from model_service.backends.base import Backend, BackendError, Result
@@ -201,7 +202,10 @@ def create_app(
         )
 
     def _serve(kind: str) -> Response:
-        body = request.get_json(force=True, silent=True)
+        try:
+            body = jsonbody.loads(request.get_data(cache=False))
+        except jsonbody.BadJSON as exc:
+            return _bad(f"body: not valid JSON ({exc})")
         if not isinstance(body, dict):
             return _bad("body: expected a JSON object")
         problem = _validate(kind, body, spec.model_id)

@@ -170,6 +170,12 @@ def test_bad_bodies(stack: Stack) -> None:
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = stack.post("/models/tiny:1b/load", {"wait": "yes"})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("wait:")
+    nan = (
+        b'{"model": "tiny:1b", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'
+    )
+    for url in (stack.url, f"http://127.0.0.1:{stack.load('tiny:1b')['port']}"):
+        r = requests.post(url + "/v1/chat/completions", data=nan, timeout=30)
+        assert r.status_code == 400 and "NaN is not a JSON number" in r.json()["error"]["message"]
 
 
 def test_api_key(make_stack: Any) -> None:

@@ -57,6 +57,12 @@ def test_defaults_are_the_seeds() -> None:
         ({"control_port": 8060}, "control_port: 8060 is inside port_range 8051-8099"),
         ({"warmup_models": "qwen"}, "warmup_models: 'qwen' is not a list"),
         ({"check_interval_seconds": True}, "check_interval_seconds: True is not a number"),
+        ({"max_ttl_minutes": 1e308}, "max_ttl_minutes: 1e+308 is above the maximum 525600"),
+        ({"api_key": "a\nb"}, "api_key: may hold only letters, digits"),
+        ({"api_key": " k "}, "api_key: may hold only letters, digits"),
+        ({"bind_host": ""}, "bind_host: '' is not an IP address or host name"),
+        ({"public_paths": ["health"]}, "public_paths[0]: 'health' is not a URL path"),
+        ({"service_registry_paths": {"register": "x"}}, "service_registry_paths.register: 'x'"),
     ],
 )
 def test_bad_settings_name_the_key(raw: dict[str, object], message: str) -> None:
@@ -65,13 +71,37 @@ def test_bad_settings_name_the_key(raw: dict[str, object], message: str) -> None
     assert message in str(info.value)
 
 
+def test_a_partial_mapping_keeps_the_rest_of_the_current_value() -> None:
+    base = parse_settings({"port_range": {"start": 9000, "end": 9010}})
+    assert parse_settings({"port_range": {"end": 9020}}, base).port_range.start == 9000
+    paths = parse_settings({"service_registry_paths": {"heartbeat": "/hb"}})
+    assert dict(paths.service_registry_paths) == {
+        "register": "/register",
+        "heartbeat": "/hb",
+        "deregister": "/deregister",
+    }
+
+
 def test_minutes_are_floats() -> None:
     s = parse_settings({"default_ttl_minutes": 0.05, "min_ttl_minutes": 0.01})
     assert s.default_ttl_minutes == 0.05
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "x" * 201, "a\nb", "%(here)s", "x]", "../etc", "a/../b", " lead", "a b"]
+    "bad",
+    [
+        "",
+        "x" * 201,
+        "a\nb",
+        "%(here)s",
+        "x]",
+        "../etc",
+        "a/../b",
+        " lead",
+        "a b",
+        "x/health",
+        "org/m/load",
+    ],
 )
 def test_bad_model_ids(bad: str) -> None:
     with pytest.raises(ConfigError, match="model_id"):
@@ -92,6 +122,8 @@ def test_entry_validation_names_the_key() -> None:
         parse_entry({"model_id": "m", "colour": "red"})
     with pytest.raises(ConfigError, match=r"model\.ttl_minutes: -1 is below"):
         parse_entry({"model_id": "m", "ttl_minutes": -1})
+    with pytest.raises(ConfigError, match=r"model\.options\.temperature: nan is not a finite"):
+        parse_entry({"model_id": "m", "options": {"temperature": float("nan")}})
 
 
 def test_registry_cross_checks() -> None:

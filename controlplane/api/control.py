@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from controlplane.errors import InvalidInput
 from controlplane.service import PoolService
+from model_service import jsonbody
 
 bp = Blueprint("control", __name__)
 
@@ -25,7 +26,10 @@ def body(optional: bool = True) -> dict[str, Any]:
         if optional:
             return {}
         raise InvalidInput("body: expected a JSON object")
-    data = request.get_json(force=True, silent=True)
+    try:
+        data = jsonbody.loads(raw)
+    except jsonbody.BadJSON as exc:
+        raise InvalidInput(f"body: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise InvalidInput("body: not a JSON object")
     return data

@@ -7,7 +7,6 @@ model with a request in flight.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from controlplane.adapters.proxy import Relay, WorkerProxy, WorkerUnreachable
 from controlplane.errors import BackendDown, InvalidInput
 from controlplane.service import PoolService
+from model_service import jsonbody
 
 bp = Blueprint("openai", __name__)
 PROXY_EXT = "modelpool_proxy"
@@ -30,8 +30,8 @@ def _svc() -> PoolService:
 
 def _model_of(raw: bytes) -> str:
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
+        body = jsonbody.loads(raw)
+    except jsonbody.BadJSON as exc:
         raise InvalidInput(f"body: not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise InvalidInput("body: expected a JSON object")

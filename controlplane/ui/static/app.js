@@ -201,7 +201,7 @@
     const sub = [];
     if (h.loading_models) sub.push(`${h.loading_models} warming`);
     if (h.failed_models) sub.push(`${h.failed_models} failed`);
-    if (h.max_concurrent_models) sub.push(`max ${h.max_concurrent_models} at once`);
+    if (h.max_concurrent_models) sub.push(`max ${h.max_concurrent_models}`);
     $("#pool-models-sub").textContent = sub.join(" · ") || "\u00a0";
     const used = Number(h.total_memory_mb) || 0;
     const limit = Number(h.memory_limit_mb) || 0;
@@ -336,7 +336,11 @@
           { class: "action-row" },
           row.buttons.load,
           row.buttons.unload,
-          row.buttons["force-unload"],
+          row.buttons["force-unload"]
+        ),
+        el(
+          "div",
+          { class: "action-row" },
           el("span", { class: "extend" }, row.minutes, el("span", { class: "unit", text: "min" })),
           row.buttons.extend
         )
