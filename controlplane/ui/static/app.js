@@ -367,6 +367,11 @@
     const meta = [el("span", { class: "mono", text: m.model_id })];
     if (m.backend) meta.push(el("span", { class: "chip", text: m.backend }));
     if (m.warmup) meta.push(el("span", { class: "chip chip-warm", text: "warmup" }));
+    for (const span of m.schedule || []) {
+      // Warmup schedule windows: highlighted while one is open.
+      const open = m.scheduled_now ? " chip-warm" : "";
+      meta.push(el("span", { class: "chip" + open, text: "warm " + span, title: "schedule window" }));
+    }
     for (const tag of (m.tags || []).slice(0, 3)) meta.push(el("span", { class: "chip", text: tag }));
     row.meta.replaceChildren(...meta);
 
