@@ -203,11 +203,9 @@ def create_app(
 
     def _serve(kind: str) -> Response:
         try:
-            body = jsonbody.loads(request.get_data(cache=False))
+            body = jsonbody.load_object(request.get_data(cache=False))
         except jsonbody.BadJSON as exc:
             return _bad(f"body: not valid JSON ({exc})")
-        if not isinstance(body, dict):
-            return _bad("body: expected a JSON object")
         problem = _validate(kind, body, spec.model_id)
         if problem is not None:
             return problem

@@ -23,3 +23,11 @@ def loads(raw: bytes | str) -> Any:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadJSON(str(exc)) from None
+
+
+def load_object(raw: bytes | str) -> dict[str, Any]:
+    """A request body that must be a JSON object; BadJSON says what is wrong."""
+    data = loads(raw)
+    if not isinstance(data, dict):
+        raise BadJSON("expected a JSON object")
+    return data

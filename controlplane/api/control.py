@@ -27,12 +27,9 @@ def body(optional: bool = True) -> dict[str, Any]:
             return {}
         raise InvalidInput("body: expected a JSON object")
     try:
-        data = jsonbody.loads(raw)
+        return jsonbody.load_object(raw)
     except jsonbody.BadJSON as exc:
         raise InvalidInput(f"body: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("body: not a JSON object")
-    return data
 
 
 def flag(data: dict[str, Any], key: str) -> bool:

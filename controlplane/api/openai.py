@@ -30,11 +30,9 @@ def _svc() -> PoolService:
 
 def _model_of(raw: bytes) -> str:
     try:
-        body = jsonbody.loads(raw)
+        body = jsonbody.load_object(raw)
     except jsonbody.BadJSON as exc:
         raise InvalidInput(f"body: not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("body: expected a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidInput("model: missing (expected the id of a registered model)")
