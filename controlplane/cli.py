@@ -21,6 +21,7 @@ import requests
 import yaml
 
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
+from controlplane.adapters.worker import local_session
 from controlplane.app import CONFIG_DIR_ENV, RUN_DIR_ENV, default_dirs
 from controlplane.core.slug import PROGRAM_PREFIX, program_name
 from controlplane.node import PROJECT_DIR, Node, RunPaths
@@ -57,10 +58,11 @@ class Api:
     def __init__(self, url: str, api_key: str = "") -> None:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.session = local_session()
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
         try:
-            resp = requests.request(
+            resp = self.session.request(
                 method, self.url + path, json=body, headers=self.headers, timeout=timeout
             )
         except requests.ConnectionError:
@@ -139,9 +141,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "") else settings.bind_host
     url = f"http://{host}:{settings.control_port}"
     limit = time.monotonic() + args.timeout
+    session = local_session()
     while time.monotonic() < limit:
         try:
-            resp = requests.get(url + "/health", timeout=2)
+            resp = session.get(url + "/health", timeout=2)
             if resp.status_code == 200 and resp.json().get("status") == "healthy":
                 print(f"modelpool is up: control plane {url}, run dir {node.paths.run_dir}")
                 print(

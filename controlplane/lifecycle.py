@@ -66,6 +66,8 @@ class Workers(Lifecycle):
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
         self._program_locks: dict[str, threading.Lock] = {}
+        #: Size of each program's log when its worker was last started.
+        self._log_offsets: dict[str, int] = {}
         #: Called before a worker is stopped (the service registry withdraws it first).
         self.before_stop: Callable[[str], None] = lambda model_id: None
 
@@ -180,8 +182,29 @@ class Workers(Lifecycle):
             api_key=s.api_key,
         )
         self.node.write_program(program, port, s.graceful_shutdown_seconds, spec.to_json())
+        self._mark_log(program)
         self.supervisor.add_program(program)
         self.supervisor.start(program)
+
+    def _mark_log(self, program: str) -> None:
+        """Remember where this run's output starts in the program's (appended) log."""
+        try:
+            self._log_offsets[program] = self.node.paths.program_log(program).stat().st_size
+        except OSError:
+            self._log_offsets[program] = 0
+
+    def _log_since_start(self, program: str, length: int = 2000) -> str:
+        """The end of what the worker logged since it was started (not earlier runs)."""
+        path = self.node.paths.program_log(program)
+        try:
+            with path.open("rb") as fh:
+                size = fh.seek(0, 2)
+                start = self._log_offsets.get(program, 0)
+                start = 0 if start > size else start  # rotated meanwhile
+                fh.seek(max(start, size - length))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _fail(self, model_id: str, gen: int, program: str, failure: _Failure) -> None:
         log.warning("load failed model=%s reason=%s error=%s", model_id, failure.reason, failure)
@@ -242,7 +265,7 @@ class Workers(Lifecycle):
                 gone = self._exited(program)
                 if gone:
                     return _Failure(gone, "exited")
-                if BIND_FAILED in self.supervisor.log_tail(program, 400):
+                if BIND_FAILED in self._log_since_start(program, 400):
                     return _Failure(f"port {port} is held by another process", "port_in_use")
             if time.monotonic() >= limit:
                 return _Failure(f"not ready within load_timeout_seconds ({timeout:g} s)", "timeout")
@@ -255,7 +278,7 @@ class Workers(Lifecycle):
             return f"worker {program} is no longer known to supervisord"
         if info.state in STARTING_STATES:
             return None
-        tail = log_excerpt(self.supervisor.log_tail(program))
+        tail = log_excerpt(self._log_since_start(program))
         return f"worker exited ({info.state}, exit status {info.exitstatus})" + (
             f": {tail}" if tail else ""
         )
@@ -296,8 +319,14 @@ class Workers(Lifecycle):
             self.pool.cleaned(model_id, gen, removed=removed)
 
     def remove_stale(self, program: str) -> bool:
-        """Remove a program that belongs to no loaded model (adoption, orphan sweep)."""
+        """Remove a program that belongs to no loaded model (adoption, orphan sweep).
+
+        Checked again under the program's lock: its model may have started loading since the
+        process list that called it an orphan was read.
+        """
         with self.program_lock(program):
+            if program in self.pool.programs_in_use():
+                return False
             return self._remove(program)
 
     def _remove(self, program: str) -> bool:

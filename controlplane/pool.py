@@ -166,13 +166,13 @@ class ModelPool:
         self.on_change: Callable[[], None] = lambda: None
         #: Called under the lock after every transition: they must only record, never block.
         self.listeners: list[Callable[[Record, State, State], None]] = []
+        #: A transition or a settings change since the state file was last written.
         self.dirty = False
-        self.counters: dict[str, int] = {}
+        #: Deadlines moved by requests since then (saved less eagerly than transitions).
+        self.deadlines_moved = False
         self.stats = PoolStats()
         #: Whether supervisord answered the reaper's last call; no load starts while it is away.
         self.available = True
-        #: The registry was read and validated (the pool is built from it).
-        self.registry_loaded = True
         #: Set by ``drain``: the stack is shutting down, no new load starts.
         self.draining = False
         #: Ports found taken by someone else at bind time, avoided until the given time.
@@ -314,10 +314,6 @@ class ModelPool:
             "tags": list(rec.entry.tags),
         }
 
-    def views(self) -> list[policy.ModelView]:
-        with self._lock:
-            return self._views()
-
     def _views(self) -> list[policy.ModelView]:
         warm = self._kept()
         return [
@@ -345,8 +341,6 @@ class ModelPool:
         rec.state = new
         rec.since = now
         rec.history.append(Transition(old, new, now, reason))
-        key = f"{event.value}:{reason}"
-        self.counters[key] = self.counters.get(key, 0) + 1
         self.dirty = True
         log.info(
             "transition model=%s from=%s to=%s event=%s reason=%s after=%.3fs port=%s",
@@ -404,10 +398,11 @@ class ModelPool:
         """The end of a request counted by ``begin_request``."""
         with self._lock:
             rec = self._records.get(model_id)
-            if rec is not None:
+            if rec is not None and rec.in_flight > 0:
                 rec.in_flight -= 1
                 self.touch(rec, self.clock())
-        self.on_change()
+        # No reaper wake-up: touch() only moved the deadline later, and the reaper checks
+        # every second anyway (waking it per request kept it busy under load).
 
     def _ensure(
         self, model_id: str, timeout: float | None, *, manual: bool, wait: bool, hold: bool
@@ -758,7 +753,7 @@ class ModelPool:
         fresh = policy.deadline_after(at, ttl)
         if fresh is not None and (rec.deadline is None or fresh > rec.deadline):
             rec.deadline = fresh
-        self.dirty = True
+            self.deadlines_moved = True
         if rec.state is State.COOLING:
             rec.grace_until = None
             self._apply(rec, Event.REQUEST_ARRIVED, "request")
@@ -872,12 +867,6 @@ class ModelPool:
             )
             self._order.append(entry.model_id)
 
-    def replace_entries(self, entries: tuple[ModelEntry, ...]) -> None:
-        with self._lock:
-            for e in entries:
-                if e.model_id in self._records:
-                    self._records[e.model_id].entry = e
-
     def mark_deleting(self, model_id: str) -> Record:
         """Hide a model from new requests; unload it if loaded. Conflict while WARMING."""
         with self._lock:
@@ -928,6 +917,7 @@ class ModelPool:
         """What survives a control-plane restart: deadlines and counters of loaded models."""
         with self._lock:
             self.dirty = False
+            self.deadlines_moved = False
             return {
                 "version": 1,
                 "models": {

@@ -27,6 +27,8 @@ from controlplane.settings import atomic_write
 log = logging.getLogger("modelpool.reaper")
 
 MONITOR_SECONDS = 1.0
+#: Deadlines that requests moved are saved at most this often (transitions at once).
+SAVE_DEADLINES_SECONDS = 5.0
 HEALTH_TIMEOUT = 0.5
 ALIVE = frozenset({"STARTING", "RUNNING"})
 #: A serving model's worker in these states was stopped by someone else (supervisorctl stop).
@@ -75,7 +77,6 @@ class Reaper:
         self.host = host
         self.state_file = state_file
         self.clock = clock
-        self.supervisor_ok = False
         self.last_tick: float | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -85,6 +86,7 @@ class Reaper:
         #: Removes a program that belongs to no model (set by the service).
         self.remove: Callable[[str], None] = lambda name: None
         self._sweeping: set[str] = set()
+        self._saved_at = 0.0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="modelpool-reaper", daemon=True)
@@ -156,8 +158,11 @@ class Reaper:
         self.pool.retry_cleanups()
         self._sweep_orphans(procs)
         self.pool.expire(self.clock())
-        if self.pool.dirty:
+        now = self.clock()
+        moved = self.pool.deadlines_moved and now - self._saved_at >= SAVE_DEADLINES_SECONDS
+        if self.pool.dirty or moved:
             self.state_file.write(self.pool.persisted())
+            self._saved_at = now
         self.last_tick = self.clock()
         self.after_tick()
 

@@ -19,7 +19,7 @@ from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavai
 from controlplane.adapters.worker import HttpWorkerProbe, WorkerProbe
 from controlplane.core.slug import PROGRAM_PREFIX
 from controlplane.core.states import State
-from controlplane.errors import BackendDown, Conflict, InvalidInput
+from controlplane.errors import Conflict, InvalidInput
 from controlplane.lifecycle import Workers
 from controlplane.node import Node
 from controlplane.pool import ModelPool, Record
@@ -300,10 +300,7 @@ class PoolService:
         restart = [
             k for k in raw if SETTINGS_BY_NAME[k].restart and getattr(old, k) != getattr(new, k)
         ]
-        for model_id in self.pool.warmup_ids():
-            self._load_in_background(model_id)
+        # New warmup models load on the reaper's next pass (_keep_warm): that respects the
+        # failure backoff, unlike a load call.
+        self.reaper.wake()
         return new, restart
-
-    def require_supervisor(self) -> None:
-        if not self.supervisor_reachable():
-            raise BackendDown("supervisord is not reachable", retry_after=5)

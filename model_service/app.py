@@ -28,6 +28,7 @@ from model_service.spec import SPEC_ENV, WorkerSpec
 
 log = logging.getLogger("modelpool.worker")
 VIA_HEADER = "X-Modelpool-Via"
+MEMORY_REFRESH_SECONDS = 10.0
 EXT = "modelpool_worker"
 
 
@@ -42,6 +43,8 @@ class WorkerState:
         #: "permanent" (bad file, bad config, unknown model: retrying will not help) or
         #: "transient" (backend down, crash, timeout).
         self.error_kind: str | None = None
+        #: The backend's last memory report (refreshed by watch_memory).
+        self.memory: float | None = None
         self.started = time.time()
         self.ready_at: float | None = None
         self.requests_served = 0
@@ -86,13 +89,19 @@ class WorkerState:
             self.requests_served += 1
             self.last_request_at = time.time()
 
-    def health(self) -> dict[str, Any]:
-        memory = None
-        if self.status == "ready":
+    def watch_memory(self, every: float = MEMORY_REFRESH_SECONDS) -> None:
+        """Refresh the backend's memory report in the background, so /health does no I/O
+        (for Ollama it is an HTTP call to /api/ps, and /health is probed every second)."""
+        self.ready.wait()
+        while self.status == "ready":
             try:
-                memory = self.backend.memory_mb()
+                self.memory = self.backend.memory_mb()
             except Exception:
-                memory = None
+                self.memory = None
+            time.sleep(every)
+
+    def health(self) -> dict[str, Any]:
+        memory = self.memory
         with self._lock:
             return {
                 "model": self.spec.model_id,
@@ -251,6 +260,7 @@ def create_app(
 
     if load_in_background:
         threading.Thread(target=state.load, name="model-load", daemon=True).start()
+        threading.Thread(target=state.watch_memory, name="model-memory", daemon=True).start()
     return app
 
 

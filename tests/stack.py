@@ -53,7 +53,8 @@ def _bindable(port: int) -> bool:
 def free_port_block(n: int) -> int:
     """The first port of ``n`` consecutive bindable loopback ports."""
     for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
+        # Below Linux's ephemeral range (32768-60999): no client connection takes these.
+        base = random.randrange(20000, 32000 - n)
         if all(_bindable(p) for p in range(base, base + n)):
             return base
     raise RuntimeError("no free port block")

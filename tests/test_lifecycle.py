@@ -35,6 +35,11 @@ class FakeSupervisor:
         port = self._port(name)
         self.running[name] = port
         self.starts.append((name, port))
+        # Like gunicorn: the log of the program is appended to, run after run.
+        with self.node.paths.program_log(name).open("a") as log:
+            log.write(f"[INFO] Starting gunicorn on {port}\n")
+            if port in self.taken:
+                log.write(f"[ERROR] {BIND_FAILED}: ('127.0.0.1', {port})\n")
 
     def process(self, name: str) -> ProcessInfo:
         if name not in self.running:
@@ -42,8 +47,7 @@ class FakeSupervisor:
         return ProcessInfo(name, name, "RUNNING", 4242, 0, 0, "")
 
     def log_tail(self, name: str, length: int = 2000) -> str:
-        port = self.running.get(name)
-        return f"[ERROR] {BIND_FAILED}: ('127.0.0.1', {port})" if port in self.taken else ""
+        return self.node.paths.program_log(name).read_text()[-length:]
 
     def stop(self, name: str, timeout: float) -> None:
         self.running.pop(name, None)
@@ -76,6 +80,8 @@ def test_a_port_taken_at_bind_time_is_retried_on_another(tmp_path: Path) -> None
     rec = pool.ensure_loaded("m", timeout=20)
     assert rec.state is State.HOT and rec.port == 9101
     assert [port for _, port in sup.starts] == [9100, 9101]
+    # The second run is judged by its own output, not by the first run's bind error.
+    assert BIND_FAILED in node.paths.program_log(rec.program).read_text()
     # The taken port is avoided for a while, not offered to the next model.
     assert 9100 in pool._avoid
     workers.join(5)

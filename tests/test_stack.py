@@ -123,7 +123,8 @@ def test_full_lifecycle_with_short_ttl(stack: Stack, standin: OllamaStandin) -> 
     # The worker is gone, supervisord forgot it, the port is free, Ollama was told to unload.
     assert program not in stack.supervisorctl("status").stdout
     assert not processes_mentioning(str(stack.run_dir / "specs" / f"{program}.json"))
-    with socket.socket() as s:
+    with socket.socket() as s:  # free for a new server (which, like gunicorn, reuses addresses)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
     unloads = [c for c in standin.calls_to("/api/generate") if c.body.get("keep_alive") == 0]
     assert any(c.body["model"].startswith("llama3.1:8b") for c in unloads)

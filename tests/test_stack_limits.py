@@ -114,7 +114,8 @@ def test_down_drains_and_leaves_no_process(make_stack: Any, standin: Any) -> Non
     out = s.cli("down", check=True).stdout
     assert "down" in out
     assert not processes_mentioning(str(s.root))
-    with socket.socket() as sock:
+    with socket.socket() as sock:  # free for a new server (which reuses addresses)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", m["port"]))
     # The worker told Ollama to let the model go.
     unloads = [c for c in standin.calls_to("/api/generate") if c.body.get("keep_alive") == 0]

@@ -71,10 +71,6 @@ class WorkerProxy:
         for conn in idle:
             conn.close()
 
-    def idle_count(self) -> int:
-        with self._lock:
-            return sum(len(v) for v in self._idle.values())
-
     def send(
         self, host: str, port: int, method: str, path: str, body: bytes, headers: dict[str, str]
     ) -> tuple[http.client.HTTPResponse, Callable[[bool], None]]:

@@ -28,6 +28,8 @@ from typing import Any
 
 import requests
 
+from controlplane.adapters.worker import local_session
+
 log = logging.getLogger("modelpool.registry")
 
 Send = Callable[[str, dict[str, Any]], int]
@@ -49,8 +51,7 @@ class _Entry:
 
 def http_sender(base_url: str, timeout: float = TIMEOUT) -> Send:
     """POST JSON to ``base_url + path``; the status code, or 0 if nothing answered."""
-    session = requests.Session()
-    session.trust_env = False
+    session = local_session()
 
     def send(path: str, body: dict[str, Any]) -> int:
         try:

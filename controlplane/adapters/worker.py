@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,12 +54,28 @@ class WorkerProbe(Protocol):
     def health(self, host: str, port: int, timeout: float) -> WorkerHealth | None: ...
 
 
+def local_session() -> requests.Session:
+    """A session for loopback calls: proxies from the environment must not sit in between."""
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
 class HttpWorkerProbe:
-    """The real probe: ``GET http://host:port/health``."""
+    """The real probe: ``GET http://host:port/health`` (a keep-alive session per thread)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = local_session()
+        return session
 
     def health(self, host: str, port: int, timeout: float) -> WorkerHealth | None:
         try:
-            resp = requests.get(f"http://{host}:{port}/health", timeout=timeout)
+            resp = self._session().get(f"http://{host}:{port}/health", timeout=timeout)
             data = resp.json()
         except (requests.RequestException, ValueError):
             return None

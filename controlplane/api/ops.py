@@ -32,15 +32,22 @@ def live() -> Response:
 
 @bp.get("/health/ready")
 def ready() -> tuple[Response, int]:
-    """Readiness: supervisord reachable, registry loaded, pool started."""
+    """Readiness: supervisord reachable, pool started (registry loaded and validated, workers
+    adopted), reaper alive (it passed within the last few seconds)."""
     svc: PoolService = current_app.extensions["modelpool"]
+    last = svc.reaper.last_tick
     checks = {
         "supervisord": svc.supervisor_reachable(),
-        "registry": svc.pool.registry_loaded,
         "pool_started": svc.started,
+        "reaper": last is not None and svc.pool.clock() - last < 5.0,
     }
     ok = all(checks.values())
-    return jsonify({"status": "ready" if ok else "not_ready", "checks": checks}), 200 if ok else 503
+    body = {
+        "status": "ready" if ok else "not_ready",
+        "checks": checks,
+        "registered_models": len(svc.pool.ids()),
+    }
+    return jsonify(body), 200 if ok else 503
 
 
 @bp.get("/sd/workers")
