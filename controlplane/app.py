@@ -15,7 +15,7 @@ from controlplane.adapters.proxy import WorkerProxy
 from controlplane.api import control, errors, metrics, openai, ops
 from controlplane.core.states import State
 from controlplane.node import PROJECT_DIR
-from controlplane.pool import Record
+from controlplane.records import Record
 from controlplane.service import PoolService
 from controlplane.settings import ConfigStore
 from model_service.auth import bearer_ok

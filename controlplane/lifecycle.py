@@ -24,7 +24,8 @@ from controlplane.adapters.supervisord import (
 )
 from controlplane.adapters.worker import WorkerProbe
 from controlplane.node import Node
-from controlplane.pool import Lifecycle, ModelPool
+from controlplane.pool import ModelPool
+from controlplane.records import Lifecycle
 from controlplane.settings import IN_PROCESS_BACKENDS, ModelEntry, resolve_model_path
 from model_service.spec import WorkerSpec
 

@@ -16,12 +16,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from dataclasses import replace
+from typing import Any
 
+from controlplane import views
 from controlplane.core import policy, schedule
 from controlplane.core.ports import PortRequest, PortUnavailableError, choose_port, warmup_ports
-from controlplane.core.schedule import Window
 from controlplane.core.slug import program_name
 from controlplane.core.states import OCCUPYING, SERVING, Event, State, next_state
 from controlplane.errors import (
@@ -32,108 +32,13 @@ from controlplane.errors import (
     NoCapacity,
     UnknownModel,
 )
+from controlplane.records import Lifecycle, Loaded, Record, Transition
 from controlplane.settings import ModelEntry, Settings, warmup_ids
 from controlplane.stats import PoolStats
 
 log = logging.getLogger("modelpool.pool")
 
 Clock = Callable[[], float]
-
-
-class Loaded(NamedTuple):
-    """What the reaper needs to watch one worker."""
-
-    model_id: str
-    gen: int
-    program: str
-    port: int
-    backend: str
-    pid: int | None
-
-
-@dataclass(frozen=True)
-class Transition:
-    """One applied state change."""
-
-    old: State
-    new: State
-    at: float
-    reason: str
-
-
-@dataclass
-class Record:
-    """Everything the pool knows about one registered model (mutated only under the lock)."""
-
-    entry: ModelEntry
-    program: str
-    state: State = State.COLD
-    since: float = 0.0
-    #: Bumped on every load; work started for an older generation is ignored.
-    gen: int = 0
-    port: int | None = None
-    pid: int | None = None
-    deadline: float | None = None
-    grace_until: float | None = None
-    #: Deadline to restore when an adopted worker is ready again.
-    restore_deadline: float | None = None
-    loaded_at: float | None = None
-    last_used: float = 0.0
-    #: Requests counted by the pool itself (front door), in flight now.
-    in_flight: int = 0
-    #: What the worker last said it has in flight (requests sent straight to its port).
-    worker_in_flight: int = 0
-    #: Requests served by earlier worker processes, plus the current one's count.
-    requests_base: int = 0
-    worker_requests: int = 0
-    measured_mb: float | None = None
-    last_error: str | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    #: A stop/cleanup of this model's program is running in the background.
-    busy: bool = False
-    #: A FAILED model whose worker could not be removed yet (it keeps its port until it is).
-    needs_cleanup: bool = False
-    #: The load in progress takes over a running worker (after a control-plane restart).
-    adopting: bool = False
-    deleting: bool = False
-    unload_reason: str = ""
-    history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
-
-    @property
-    def windows(self) -> tuple[Window, ...]:
-        return self.entry.windows()
-
-    @property
-    def requests(self) -> int:
-        return self.requests_base + self.worker_requests
-
-    @property
-    def total_in_flight(self) -> int:
-        return self.in_flight + self.worker_in_flight
-
-    def memory(self) -> float:
-        """Measured memory if the worker reports it, else the registry's estimate."""
-        if self.measured_mb is not None:
-            return self.measured_mb
-        return float(self.entry.memory_mb or 0.0)
-
-
-class Lifecycle:
-    """Side effects the pool asks for; implemented by ``controlplane.lifecycle.Workers``."""
-
-    def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
-        raise NotImplementedError
-
-    def start_stop(self, model_id: str, gen: int, force: bool) -> None:
-        raise NotImplementedError
-
-    def start_cleanup(self, model_id: str, gen: int) -> None:
-        raise NotImplementedError
-
-    def hurry(self, model_id: str, gen: int) -> None:
-        """Cut short the drain of a stop that is already running."""
-        raise NotImplementedError
 
 
 #: A model that crashes within this many seconds of becoming HOT keeps its failure count
@@ -219,16 +124,25 @@ class ModelPool:
             }
             if now_in != self._scheduled:
                 self._scheduled = now_in
-                now = self.clock()
-                for rec in self._records.values():
-                    if rec.state in SERVING:
-                        ttl = self.ttl_minutes(rec)
-                        if ttl == 0:
-                            rec.deadline = None
-                        elif rec.deadline is None:
-                            rec.deadline = policy.deadline_after(now, ttl)
-                self.dirty = True
+                self._refit_deadlines()
             return set(now_in)
+
+    def _refit_deadlines(self) -> None:
+        """After the kept set or the TTL settings changed (lock held): models that now never
+        expire lose their deadline, models that now expire get one from now, and no deadline
+        lies beyond now + max TTL."""
+        now = self.clock()
+        for rec in self._records.values():
+            if rec.state not in SERVING:
+                continue
+            ttl = self.ttl_minutes(rec)
+            if ttl == 0:
+                rec.deadline = None
+            elif rec.deadline is None:
+                rec.deadline = policy.deadline_after(now, ttl)
+            else:
+                rec.deadline = min(rec.deadline, now + self.settings.max_ttl_minutes * 60)
+        self.dirty = True
 
     def ttl_minutes(self, rec: Record) -> float:
         """The model's effective TTL (0: never expires)."""
@@ -267,52 +181,8 @@ class ModelPool:
         with self._lock:
             ttl = self.ttl_minutes(rec)
             warm = rec.entry.model_id in self._warmups()
-        loaded = rec.state in SERVING
-        if not loaded:
-            remaining = None
-        elif rec.state is State.COOLING and rec.grace_until is not None:
-            remaining = 0.0
-        elif rec.deadline is None:
-            remaining = 0.0  # never expires (the seed shows 0 for warmup models)
-        else:
-            remaining = max(0.0, (rec.deadline - now) / 60.0)
-        host = self.settings.bind_host
-        return {
-            "model_id": rec.entry.model_id,
-            "display_name": rec.entry.display_name or rec.entry.model_id,
-            "model_type": rec.entry.model_type,
-            "backend": rec.entry.backend,
-            "state": rec.state.value,
-            "state_since": rec.since or None,
-            "port": rec.port,
-            "endpoint": f"http://{host}:{rec.port}" if rec.port and loaded else None,
-            "program": rec.program,
-            "pid": rec.pid if rec.state in OCCUPYING else None,
-            "ttl_minutes": ttl,
-            "expires": ttl != 0,
-            "ttl_remaining_minutes": None if remaining is None else round(remaining, 3),
-            "deadline": rec.deadline if loaded else None,
-            "grace_until": rec.grace_until if rec.state is State.COOLING else None,
-            "warmup": warm,
-            "schedule": [w.describe() for w in rec.windows],
-            "scheduled_now": rec.entry.model_id in self._scheduled,
-            "memory_mb": round(rec.memory(), 1) if rec.state in OCCUPYING else 0.0,
-            "memory_source": "measured" if rec.measured_mb is not None else "estimate",
-            "requests": rec.requests,
-            "in_flight": rec.total_in_flight,
-            "loaded_at": rec.loaded_at if loaded else None,
-            "last_used": rec.last_used or None,
-            "last_error": rec.last_error,
-            "failures": rec.failures,
-            "retry_after_seconds": round(rec.retry_at - now, 1)
-            if rec.state is State.FAILED and now < rec.retry_at < math.inf
-            else None,
-            # False: the last failure was permanent (bad file, unknown model); only a load call
-            # or a new registry entry tries again.
-            "retryable": rec.retry_at != math.inf,
-            "priority": rec.entry.priority,
-            "tags": list(rec.entry.tags),
-        }
+            scheduled = rec.entry.model_id in self._scheduled
+        return views.model_view(rec, ttl, warm, scheduled, self.settings.bind_host, now)
 
     def _views(self) -> list[policy.ModelView]:
         warm = self._kept()
@@ -896,18 +766,7 @@ class ModelPool:
         """Apply new settings; deadlines follow a change of warmup set or TTL 0."""
         with self._lock:
             self.settings = settings
-            now = self.clock()
-            for rec in self._records.values():
-                if rec.state not in SERVING:
-                    continue
-                ttl = self.ttl_minutes(rec)
-                if ttl == 0:
-                    rec.deadline = None
-                elif rec.deadline is None:
-                    rec.deadline = policy.deadline_after(now, ttl)
-                else:  # a lower max_ttl_minutes applies to deadlines already set
-                    rec.deadline = min(rec.deadline, now + settings.max_ttl_minutes * 60)
-            self.dirty = True
+            self._refit_deadlines()
             self._changed.notify_all()
         self.on_change()
 

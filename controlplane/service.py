@@ -22,8 +22,9 @@ from controlplane.core.states import State
 from controlplane.errors import Conflict, InvalidInput
 from controlplane.lifecycle import Workers
 from controlplane.node import Node
-from controlplane.pool import ModelPool, Record
+from controlplane.pool import ModelPool
 from controlplane.reaper import Reaper, StateFile
+from controlplane.records import Record
 from controlplane.settings import (
     SETTINGS_BY_NAME,
     ConfigError,

@@ -15,7 +15,8 @@ from controlplane.errors import (
     NoCapacity,
     UnknownModel,
 )
-from controlplane.pool import Lifecycle, ModelPool
+from controlplane.pool import ModelPool
+from controlplane.records import Lifecycle
 from controlplane.settings import ModelEntry, Settings, parse_settings
 
 

@@ -1,0 +1,107 @@
+"""What the pool records about each model, and the interface of its side effects."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from controlplane.core.schedule import Window
+from controlplane.core.states import State
+from controlplane.settings import ModelEntry
+
+
+class Loaded(NamedTuple):
+    """What the reaper needs to watch one worker."""
+
+    model_id: str
+    gen: int
+    program: str
+    port: int
+    backend: str
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One applied state change."""
+
+    old: State
+    new: State
+    at: float
+    reason: str
+
+
+@dataclass
+class Record:
+    """Everything the pool knows about one registered model (mutated only under the lock)."""
+
+    entry: ModelEntry
+    program: str
+    state: State = State.COLD
+    since: float = 0.0
+    #: Bumped on every load; work started for an older generation is ignored.
+    gen: int = 0
+    port: int | None = None
+    pid: int | None = None
+    deadline: float | None = None
+    grace_until: float | None = None
+    #: Deadline to restore when an adopted worker is ready again.
+    restore_deadline: float | None = None
+    loaded_at: float | None = None
+    last_used: float = 0.0
+    #: Requests counted by the pool itself (front door), in flight now.
+    in_flight: int = 0
+    #: What the worker last said it has in flight (requests sent straight to its port).
+    worker_in_flight: int = 0
+    #: Requests served by earlier worker processes, plus the current one's count.
+    requests_base: int = 0
+    worker_requests: int = 0
+    measured_mb: float | None = None
+    last_error: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    #: A stop/cleanup of this model's program is running in the background.
+    busy: bool = False
+    #: A FAILED model whose worker could not be removed yet (it keeps its port until it is).
+    needs_cleanup: bool = False
+    #: The load in progress takes over a running worker (after a control-plane restart).
+    adopting: bool = False
+    deleting: bool = False
+    unload_reason: str = ""
+    history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
+
+    @property
+    def windows(self) -> tuple[Window, ...]:
+        return self.entry.windows()
+
+    @property
+    def requests(self) -> int:
+        return self.requests_base + self.worker_requests
+
+    @property
+    def total_in_flight(self) -> int:
+        return self.in_flight + self.worker_in_flight
+
+    def memory(self) -> float:
+        """Measured memory if the worker reports it, else the registry's estimate."""
+        if self.measured_mb is not None:
+            return self.measured_mb
+        return float(self.entry.memory_mb or 0.0)
+
+
+class Lifecycle:
+    """Side effects the pool asks for; implemented by ``controlplane.lifecycle.Workers``."""
+
+    def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
+        raise NotImplementedError
+
+    def start_stop(self, model_id: str, gen: int, force: bool) -> None:
+        raise NotImplementedError
+
+    def start_cleanup(self, model_id: str, gen: int) -> None:
+        raise NotImplementedError
+
+    def hurry(self, model_id: str, gen: int) -> None:
+        """Cut short the drain of a stop that is already running."""
+        raise NotImplementedError

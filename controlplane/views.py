@@ -1,0 +1,60 @@
+"""The public JSON view of a model's record (``GET /models``), built from a snapshot."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from controlplane.core.states import OCCUPYING, SERVING, State
+from controlplane.records import Record
+
+
+def model_view(
+    rec: Record, ttl: float, warm: bool, scheduled: bool, host: str, now: float
+) -> dict[str, Any]:
+    """Every field ``GET /models`` shows for one model (``ttl`` in minutes, 0 = never)."""
+    loaded = rec.state in SERVING
+    if not loaded:
+        remaining = None
+    elif rec.state is State.COOLING and rec.grace_until is not None:
+        remaining = 0.0
+    elif rec.deadline is None:
+        remaining = 0.0  # never expires (the seed shows 0 for warmup models)
+    else:
+        remaining = max(0.0, (rec.deadline - now) / 60.0)
+    return {
+        "model_id": rec.entry.model_id,
+        "display_name": rec.entry.display_name or rec.entry.model_id,
+        "model_type": rec.entry.model_type,
+        "backend": rec.entry.backend,
+        "state": rec.state.value,
+        "state_since": rec.since or None,
+        "port": rec.port,
+        "endpoint": f"http://{host}:{rec.port}" if rec.port and loaded else None,
+        "program": rec.program,
+        "pid": rec.pid if rec.state in OCCUPYING else None,
+        "ttl_minutes": ttl,
+        "expires": ttl != 0,
+        "ttl_remaining_minutes": None if remaining is None else round(remaining, 3),
+        "deadline": rec.deadline if loaded else None,
+        "grace_until": rec.grace_until if rec.state is State.COOLING else None,
+        "warmup": warm,
+        "schedule": [w.describe() for w in rec.windows],
+        "scheduled_now": scheduled,
+        "memory_mb": round(rec.memory(), 1) if rec.state in OCCUPYING else 0.0,
+        "memory_source": "measured" if rec.measured_mb is not None else "estimate",
+        "requests": rec.requests,
+        "in_flight": rec.total_in_flight,
+        "loaded_at": rec.loaded_at if loaded else None,
+        "last_used": rec.last_used or None,
+        "last_error": rec.last_error,
+        "failures": rec.failures,
+        "retry_after_seconds": round(rec.retry_at - now, 1)
+        if rec.state is State.FAILED and now < rec.retry_at < math.inf
+        else None,
+        # False: the last failure was permanent (bad file, unknown model); only a load call
+        # or a new registry entry tries again.
+        "retryable": rec.retry_at != math.inf,
+        "priority": rec.entry.priority,
+        "tags": list(rec.entry.tags),
+    }
