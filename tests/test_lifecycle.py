@@ -103,3 +103,42 @@ def test_a_stop_waits_for_the_registry_withdrawal_hook(tmp_path: Path) -> None:
     # The withdrawal ran while the worker was still running, i.e. before its drain.
     assert order and order[0][0] == "withdraw" and order[0][1]
     workers.join(5)
+
+
+def test_health_probe_keeps_no_connection_open() -> None:
+    """Regression: a kept-alive probe connection made every worker stop wait 2 s (gunicorn
+    lingers on idle connections) and stayed half-closed in the control plane afterwards.
+    Deterministic: the server records the header and whether the client closed."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from controlplane.adapters.worker import HttpWorkerProbe
+
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Connection"))
+            body = json.dumps({"status": "ready", "model": "m"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        probe = HttpWorkerProbe()
+        for _ in range(2):
+            health = probe.health("127.0.0.1", server.server_address[1], 2.0)
+            assert health is not None and health.status == "ready"
+        assert seen == ["close", "close"]
+    finally:
+        server.shutdown()
+        server.server_close()

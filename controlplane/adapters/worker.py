@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,20 +61,20 @@ def local_session() -> requests.Session:
 
 
 class HttpWorkerProbe:
-    """The real probe: ``GET http://host:port/health`` (a keep-alive session per thread)."""
+    """The real probe: ``GET http://host:port/health`` on a connection of its own.
+
+    No keep-alive: a kept connection would hold a worker's stop (gunicorn waits for idle
+    connections) and linger half-closed here once the worker is gone.
+    """
 
     def __init__(self) -> None:
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = local_session()
-        return session
+        self._session = local_session()
 
     def health(self, host: str, port: int, timeout: float) -> WorkerHealth | None:
         try:
-            resp = self._session().get(f"http://{host}:{port}/health", timeout=timeout)
+            resp = self._session.get(
+                f"http://{host}:{port}/health", timeout=timeout, headers={"Connection": "close"}
+            )
             data = resp.json()
         except (requests.RequestException, ValueError):
             return None
