@@ -1,80 +1,120 @@
-"""Processes seen through /proc (Linux): resident memory of a tree, leftovers to stop."""
+"""Processes seen through psutil: the memory of a process tree, leftovers to stop.
+
+psutil works on Linux, macOS and the BSDs, so an unload finishes and a worker's memory is
+measured wherever supervisord runs. A zombie counts as gone: it holds no memory and no port,
+and nothing but its parent can make it go away.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
-from pathlib import Path
+from typing import Final
 
-PROC = Path("/proc")
+import psutil
+
+log = logging.getLogger("modelpool.procmem")
+
+MIB: Final = 1024.0 * 1024.0
+POLL_SECONDS: Final = 0.05
 
 
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
+def _alive(proc: psutil.Process) -> bool:
+    """Whether ``proc`` (that very process, not a later one with its PID) runs, not a zombie."""
     try:
-        for task in (PROC / str(pid) / "task").iterdir():
-            text = (task / "children").read_text()
-            kids.extend(int(c) for c in text.split())
-    except OSError:
-        pass
-    return kids
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # ZombieProcess too
+        return False
+    except psutil.AccessDenied:
+        return True
 
 
-def _rss_kb(pid: int) -> int:
+def _process(pid: int) -> psutil.Process | None:
     try:
-        for line in (PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+    return proc if _alive(proc) else None
+
+
+def _memory_bytes(proc: psutil.Process) -> int:
+    """Memory ``proc`` is accountable for: PSS where known (Linux), else USS, else RSS.
+
+    RSS counts a page shared by a gunicorn master and its worker (or a model file both map)
+    once in each; PSS splits it between them and USS leaves it out, so a tree's sum is not
+    inflated. RSS is the fallback where the full info is not permitted.
+    """
+    try:
+        full = proc.memory_full_info()
+    except psutil.AccessDenied:
+        try:
+            return int(proc.memory_info().rss)
+        except psutil.Error:
+            return 0
+    except psutil.Error:
+        return 0
+    for field in ("pss", "uss", "rss"):
+        value = getattr(full, field, None)
+        if value is not None:
+            return int(value)
     return 0
 
 
-def tree_rss_mb(pid: int | None) -> float | None:
-    """RSS of ``pid`` and all its descendants in MiB; None if the process is gone."""
-    if not pid or not (PROC / str(pid)).exists():
+def tree_memory_mb(pid: int | None) -> float | None:
+    """Memory of ``pid`` and all its descendants in MiB; None if the process is gone."""
+    root = _process(pid) if pid else None
+    if root is None:
         return None
-    total, seen, todo = 0, set(), [pid]
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _rss_kb(p)
-        todo.extend(_children(p))
-    return total / 1024.0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:
+        procs = [root]
+    return sum(_memory_bytes(p) for p in procs if _alive(p)) / MIB
+
+
+tree_rss_mb = tree_memory_mb  # the name callers used before the tree was measured by PSS/USS
 
 
 def pids_with_cmdline(fragment: str) -> list[int]:
-    """Processes whose command line contains ``fragment`` (this process excluded)."""
-    found = []
+    """Live processes whose command line contains ``fragment`` (this process excluded)."""
     me = os.getpid()
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == me:
+            continue
+        cmdline = proc.info.get("cmdline") or []
+        if fragment in " ".join(cmdline) and _alive(proc):
+            found.append(proc.pid)
+    return found
+
+
+def _signal(procs: list[psutil.Process], sig: signal.Signals) -> list[psutil.Process]:
+    """Send ``sig`` to each of ``procs`` still alive; return those it reached."""
+    reached = []
+    for proc in procs:
+        if not _alive(proc):
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            proc.send_signal(sig)  # checks the PID still names the same process
+        except psutil.NoSuchProcess:
             continue
-        if fragment in cmd:
-            found.append(int(entry.name))
-    return found
+        except psutil.AccessDenied:
+            log.warning("not permitted to stop pid %d", proc.pid)
+            continue
+        reached.append(proc)
+    return reached
 
 
 def terminate(pids: list[int], grace: float = 2.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds, the given processes (ours, by PID)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        if not alive or sig == signal.SIGKILL:
-            return
-        limit = time.monotonic() + grace
-        while time.monotonic() < limit and any((PROC / str(p)).exists() for p in alive):
-            time.sleep(0.05)
-        pids = [p for p in alive if (PROC / str(p)).exists()]
+    procs = [p for p in map(_process, pids) if p is not None]
+    alive = _signal(procs, signal.SIGTERM)
+    limit = time.monotonic() + grace
+    while alive and time.monotonic() < limit:
+        time.sleep(POLL_SECONDS)
+        alive = [p for p in alive if _alive(p)]
+    _signal(alive, signal.SIGKILL)
