@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from controlplane.settings import CONTROL_THREADS
+
 workers = 1
 worker_class = "gthread"
-threads = 256
+threads = CONTROL_THREADS
 timeout = 120
 graceful_timeout = 10
 keepalive = 5

@@ -25,9 +25,9 @@ from controlplane.adapters.supervisord import (
 from controlplane.adapters.worker import WorkerProbe
 from controlplane.node import Node
 from controlplane.pool import ModelPool
-from controlplane.records import Lifecycle
-from controlplane.settings import IN_PROCESS_BACKENDS, ModelEntry, resolve_model_path
-from model_service.spec import WorkerSpec
+from controlplane.records import Lifecycle, Record
+from controlplane.settings import IN_PROCESS_BACKENDS, ModelEntry
+from controlplane.specs import build_spec
 
 log = logging.getLogger("modelpool.lifecycle")
 
@@ -89,7 +89,12 @@ class Workers(Lifecycle):
         t = threading.Thread(target=run, name=f"modelpool-{name}", daemon=True)
         with self._threads_lock:
             self._threads.add(t)
-        t.start()
+        try:
+            t.start()
+        except BaseException:
+            with self._threads_lock:
+                self._threads.discard(t)
+            raise
 
     def join(self, timeout: float) -> None:
         """Wait for running tasks (used at shutdown and by tests)."""
@@ -126,6 +131,18 @@ class Workers(Lifecycle):
         rec = self.pool.load_info(model_id, gen)
         if rec is None or rec.port is None:
             return
+        try:
+            self._load_ports(model_id, gen, adopt, rec)
+        except _Abandoned:
+            raise
+        except Exception as exc:
+            # Whatever went wrong, the model must not stay WARMING with nobody to move it.
+            log.exception("load of %s failed unexpectedly", model_id)
+            self._fail(model_id, gen, rec.program, _Failure(f"load failed: {exc}", "start_error"))
+
+    def _load_ports(self, model_id: str, gen: int, adopt: bool, rec: Record) -> None:
+        """Start the worker, on another port if gunicorn finds its port taken."""
+        assert rec.port is not None
         port = rec.port
         failure: _Failure | None = None
         with self.program_lock(rec.program):
@@ -157,7 +174,7 @@ class Workers(Lifecycle):
         """Start (unless adopting) and wait for one worker; None once it is ready."""
         try:
             if not adopt:
-                self._start_worker(program, port, entry)
+                self._start_worker(model_id, gen, program, port, entry)
             return self._await_ready(model_id, gen, program, port, entry.backend)
         except _Abandoned:
             raise
@@ -167,21 +184,12 @@ class Workers(Lifecycle):
             log.exception("starting %s failed", program)
             return _Failure(f"could not start worker {program}: {exc}", "start_error")
 
-    def _start_worker(self, program: str, port: int, entry: ModelEntry) -> None:
+    def _start_worker(
+        self, model_id: str, gen: int, program: str, port: int, entry: ModelEntry
+    ) -> None:
         s = self.pool.settings
-        spec = WorkerSpec(
-            model_id=entry.model_id,
-            port=port,
-            backend=entry.backend,
-            ollama_base_url=s.ollama_base_url,
-            upstream_url=entry.upstream_url,
-            upstream_model=entry.upstream_model,
-            model_path=resolve_model_path(entry.model_path),
-            memory_mb=entry.memory_mb,
-            options=dict(entry.options),
-            load_timeout_seconds=s.load_timeout_seconds,
-            api_key=s.api_key,
-        )
+        spec = build_spec(entry, s, port, str(self.node.paths.api_key_file))
+        self.pool.started_with(model_id, gen, spec.fingerprint())
         self.node.write_program(program, port, s.graceful_shutdown_seconds, spec.to_json())
         self._mark_log(program)
         self.supervisor.add_program(program)

@@ -64,6 +64,11 @@ class RunPaths:
     def state_file(self) -> Path:
         return self.run_dir / "state.json"
 
+    @property
+    def api_key_file(self) -> Path:
+        """The pool's current api_key, which workers re-read when it changes (0600)."""
+        return self.run_dir / "api_key"
+
     def program_conf(self, program: str) -> Path:
         return self.conf_d / f"{program}.conf"
 

@@ -33,7 +33,14 @@ from controlplane.errors import (
     UnknownModel,
 )
 from controlplane.records import Lifecycle, Loaded, Record, Transition
-from controlplane.settings import ModelEntry, Settings, warmup_ids
+from controlplane.settings import (
+    IN_PROCESS_BACKENDS,
+    MAX_WAITING_TOTAL,
+    ModelEntry,
+    Settings,
+    warmup_ids,
+)
+from controlplane.specs import wanted_fingerprint
 from controlplane.stats import PoolStats
 
 log = logging.getLogger("modelpool.pool")
@@ -56,6 +63,7 @@ class ModelPool:
         settings: Settings,
         entries: tuple[ModelEntry, ...],
         clock: Clock = time.time,
+        max_waiting_total: int = MAX_WAITING_TOTAL,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -67,25 +75,54 @@ class ModelPool:
         self._order: list[str] = [e.model_id for e in entries]
         self.lifecycle: Lifecycle = Lifecycle()
         self.is_port_free: Callable[[int], bool] = lambda port: True
+        #: Size in MiB of a model file (None: unknown); set by the service (a stat).
+        self.file_mb: Callable[[str], float | None] = lambda path: None
         #: Called (outside the lock) after a change that may move the next deadline.
         self.on_change: Callable[[], None] = lambda: None
         #: Called under the lock after every transition: they must only record, never block.
         self.listeners: list[Callable[[Record, State, State], None]] = []
-        #: A transition or a settings change since the state file was last written.
-        self.dirty = False
-        #: Deadlines moved by requests since then (saved less eagerly than transitions).
-        self.deadlines_moved = False
+        #: Counts transitions and settings changes; the state file holds version ``_saved``.
+        self._version = 0
+        self._saved = 0
+        #: Deadlines moved by requests: counted apart (saved less eagerly than transitions).
+        self._moved = 0
+        self._moved_saved = 0
         self.stats = PoolStats()
         #: Whether supervisord answered the reaper's last call; no load starts while it is away.
-        self.available = True
+        self._available = True
         #: Set by ``drain``: the stack is shutting down, no new load starts.
         self.draining = False
         #: Ports found taken by someone else at bind time, avoided until the given time.
         self._avoid: dict[int, float] = {}
         #: Models inside one of their warmup schedule windows right now.
         self._scheduled: set[str] = set()
+        #: Callers waiting for a load, in all; at most ``max_waiting_total`` of them.
+        self._waiting = 0
+        self.max_waiting_total = max_waiting_total
 
     # --- reading ------------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    def set_available(self, available: bool) -> bool:
+        """Record whether supervisord answers; returns the previous value."""
+        with self._lock:
+            was, self._available = self._available, available
+            if available and not was:
+                self._changed.notify_all()
+            return was
+
+    @property
+    def dirty(self) -> bool:
+        """A transition or a settings change not yet in the state file."""
+        return self._version != self._saved
+
+    @property
+    def deadlines_moved(self) -> bool:
+        """Deadlines moved by requests since the state file was written."""
+        return self._moved != self._moved_saved
 
     def entries(self) -> tuple[ModelEntry, ...]:
         with self._lock:
@@ -142,7 +179,7 @@ class ModelPool:
                 rec.deadline = policy.deadline_after(now, ttl)
             else:
                 rec.deadline = min(rec.deadline, now + self.settings.max_ttl_minutes * 60)
-        self.dirty = True
+        self._version += 1
 
     def ttl_minutes(self, rec: Record) -> float:
         """The model's effective TTL (0: never expires)."""
@@ -211,7 +248,7 @@ class ModelPool:
         rec.state = new
         rec.since = now
         rec.history.append(Transition(old, new, now, reason))
-        self.dirty = True
+        self._version += 1
         log.info(
             "transition model=%s from=%s to=%s event=%s reason=%s after=%.3fs port=%s",
             rec.entry.model_id,
@@ -223,7 +260,12 @@ class ModelPool:
             rec.port,
         )
         for listener in self.listeners:
-            listener(rec, old, new)
+            # A listener only records; one that raises must not leave the transition half done
+            # (the caller goes on to start the job that moves the model out of this state).
+            try:
+                listener(rec, old, new)
+            except Exception:
+                log.exception("transition listener %r failed", listener)
         self._changed.notify_all()
         return new
 
@@ -262,13 +304,17 @@ class ModelPool:
         try:
             yield rec
         finally:
-            self.release(model_id)
+            self.release(model_id, rec.gen)
 
-    def release(self, model_id: str) -> None:
-        """The end of a request counted by ``begin_request``."""
+    def release(self, model_id: str, gen: int) -> None:
+        """The end of a request counted by ``begin_request`` for generation ``gen``.
+
+        A request of an earlier load (the model was force-unloaded and loaded again meanwhile)
+        is not counted against the new worker.
+        """
         with self._lock:
             rec = self._records.get(model_id)
-            if rec is not None and rec.in_flight > 0:
+            if rec is not None and rec.gen == gen and rec.in_flight > 0:
                 rec.in_flight -= 1
                 self.touch(rec, self.clock())
         # No reaper wake-up: touch() only moved the deadline later, and the reaper checks
@@ -284,6 +330,7 @@ class ModelPool:
         started_gen: int | None = None
         waited_gen: int | None = None  # the load this caller saw in progress
         notify = False
+        queued: Record | None = None  # the record this caller is counted as waiting on
         try:
             with self._lock:
                 while True:
@@ -321,10 +368,41 @@ class ModelPool:
                             f"model {model_id!r} was not ready within {limit:g} s "
                             f"(state {rec.state.value})"
                         )
+                    if queued is not rec:
+                        if queued is not None:
+                            self._dequeue(queued)  # the model was deleted and registered again
+                        self._enqueue(rec)
+                        queued = rec
                     self._changed.wait(min(remaining, 1.0))
         finally:
+            if queued is not None:
+                with self._lock:
+                    self._dequeue(queued)
             if notify:
                 self.on_change()
+
+    def _enqueue(self, rec: Record) -> None:
+        """Count a caller as waiting for ``rec`` (lock held), or refuse it at once.
+
+        Every waiter holds one of the control plane's threads: the caps keep enough of them
+        free that /health, /unload and the rest of the control API always answer.
+        """
+        cap = self.settings.max_queue_per_model
+        if rec.waiters >= cap or self._waiting >= self.max_waiting_total:
+            self.stats.refused(rec.entry.model_id)
+            which = (
+                f"{rec.waiters} requests already wait for it (max_queue_per_model {cap})"
+                if rec.waiters >= cap
+                else f"{self._waiting} requests already wait for models "
+                f"(at most {self.max_waiting_total} in all)"
+            )
+            raise NoCapacity(f"model {rec.entry.model_id!r} is loading and {which}", retry_after=5)
+        rec.waiters += 1
+        self._waiting += 1
+
+    def _dequeue(self, rec: Record) -> None:
+        rec.waiters -= 1
+        self._waiting -= 1
 
     def _try_start(self, rec: Record, manual: bool) -> int | None:
         """Start loading ``rec`` if capacity allows (lock held); None if it must wait first."""
@@ -342,10 +420,11 @@ class ModelPool:
                 retry_after=rec.retry_at - now,
             )
         s = self.settings
+        rec.estimate_mb = self._estimate(rec)
         plan = policy.plan_capacity(
             self._views(),
             rec.entry.model_id,
-            float(rec.entry.memory_mb or 0.0),
+            rec.estimate_mb,
             s.max_concurrent_models,
             s.memory_limit_mb,
         )
@@ -362,12 +441,42 @@ class ModelPool:
             self.stats.refused(rec.entry.model_id)
             raise NoCapacity(str(exc), retry_after=5) from None
         rec.port = port
-        rec.gen += 1
+        self._new_generation(rec)
         rec.last_error = None
         rec.restore_deadline = None
         self._apply(rec, Event.LOAD_REQUESTED, "manual" if manual else "request")
-        self.lifecycle.start_load(rec.entry.model_id, rec.gen, adopt=False)
+        self._start_load(rec, adopt=False)
         return rec.gen
+
+    def _new_generation(self, rec: Record) -> None:
+        """A new load (lock held): counts of the previous worker's requests no longer apply."""
+        rec.gen += 1
+        rec.in_flight = 0
+
+    def _start_load(self, rec: Record, adopt: bool) -> None:
+        """Hand a WARMING model to the lifecycle (lock held); a failure to do so fails the load."""
+        try:
+            self.lifecycle.start_load(rec.entry.model_id, rec.gen, adopt=adopt)
+        except Exception as exc:
+            log.exception("could not start the load of %s", rec.entry.model_id)
+            rec.last_error = f"could not start the load: {exc}"
+            rec.needs_cleanup = True  # its program may exist: remove it before the port is reused
+            rec.adopting = False
+            self.stats.load_failed(rec.entry.model_id, "start_error")
+            self._apply(rec, Event.LOAD_FAILED, "start_error")
+
+    def _estimate(self, rec: Record) -> float:
+        e = rec.entry
+        file_mb = self.file_mb(e.model_path) if e.backend in IN_PROCESS_BACKENDS else None
+        return policy.estimate_mb(e.memory_mb, file_mb, self.settings.default_memory_mb)
+
+    def enforce_memory_limit(self) -> list[str]:
+        """Evict idle non-warmup models (LRU) while the measured total is over the limit."""
+        with self._lock:
+            victims = policy.evict_over_limit(self._views(), self.settings.memory_limit_mb)
+            for model_id in victims:
+                self._begin_unload(self._records[model_id], Event.UNLOAD_REQUESTED, "memory")
+            return list(victims)
 
     def reassign_port(self, model_id: str, gen: int, bad_port: int) -> int | None:
         """A new port for a load whose port turned out to be taken (the old one is avoided)."""
@@ -399,20 +508,49 @@ class ModelPool:
             warmup_ports(order, pinned, s.port_range.start),
         )
 
-    def adopt(self, model_id: str, port: int, pid: int, deadline: float | None) -> bool:
-        """Take over a worker that is already running (after a control-plane restart)."""
+    def adopt(
+        self, model_id: str, port: int, pid: int, deadline: float | None, fingerprint: str
+    ) -> bool:
+        """Take over a worker that is already running (after a control-plane restart).
+
+        ``fingerprint`` is its spec's: if the entry changed meanwhile, ``reload_changed``
+        drains and reloads it once it is HOT.
+        """
         with self._lock:
             rec = self._records.get(model_id)
             if rec is None or rec.state is not State.COLD:
                 return False
             rec.port = port
             rec.pid = pid
-            rec.gen += 1
+            rec.fingerprint = fingerprint
+            rec.estimate_mb = self._estimate(rec)
+            self._new_generation(rec)
             rec.restore_deadline = deadline
             rec.adopting = True
             self._apply(rec, Event.LOAD_REQUESTED, "adopt")
-            self.lifecycle.start_load(model_id, rec.gen, adopt=True)
+            self._start_load(rec, adopt=True)
             return True
+
+    def started_with(self, model_id: str, gen: int, fingerprint: str) -> None:
+        """The lifecycle wrote the spec of generation ``gen``'s worker; remember what it serves."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is not None and rec.gen == gen:
+                rec.fingerprint = fingerprint
+
+    def reload_changed(self) -> list[str]:
+        """Drain and reload (reason ``config_changed``) every loaded model whose worker serves a
+        spec that its entry and the settings no longer give; returns them."""
+        changed = []
+        with self._lock:
+            for rec in self._records.values():
+                if rec.state not in SERVING or rec.fingerprint is None or rec.deleting:
+                    continue
+                if rec.fingerprint != wanted_fingerprint(rec.entry, self.settings):
+                    rec.reload = True
+                    self._begin_unload(rec, Event.UNLOAD_REQUESTED, "config_changed")
+                    changed.append(rec.entry.model_id)
+        return changed
 
     def load_info(self, model_id: str, gen: int) -> Record | None:
         """The record for a lifecycle worker, if ``gen`` is still current."""
@@ -517,10 +655,23 @@ class ModelPool:
     def _begin_unload(self, rec: Record, event: Event, reason: str, force: bool = False) -> None:
         rec.unload_reason = reason
         rec.grace_until = None
-        rec.busy = True
         self.stats.unloaded(rec.entry.model_id, reason)
         self._apply(rec, event, reason)
-        self.lifecycle.start_stop(rec.entry.model_id, rec.gen, force=force)
+        self._start_stop(rec, force)
+
+    def _start_stop(self, rec: Record, force: bool) -> None:
+        """Start the stop job of an UNLOADING model (lock held).
+
+        ``busy`` is set only once the job runs: if it could not be started, the model stays
+        UNLOADING and not busy, and the reaper's next pass (``retry_stop``) starts it again.
+        """
+        try:
+            self.lifecycle.start_stop(rec.entry.model_id, rec.gen, force=force)
+        except Exception:
+            log.exception("could not start the stop of %s; the reaper retries", rec.entry.model_id)
+            rec.busy = False
+            return
+        rec.busy = True
 
     def drain(self, timeout: float) -> list[str]:
         """Shut down: refuse new loads, unload every loaded model (reason "shutdown") and wait.
@@ -544,8 +695,7 @@ class ModelPool:
             rec = self._records.get(model_id)
             if rec is None or rec.gen != gen or rec.state is not State.UNLOADING or rec.busy:
                 return
-            rec.busy = True
-            self.lifecycle.start_stop(model_id, gen, force=True)
+            self._start_stop(rec, force=True)
 
     def stopped(self, model_id: str, gen: int) -> None:
         """UNLOADING → COLD: the worker stopped and its program is gone; the port is free."""
@@ -560,6 +710,18 @@ class ModelPool:
             self._apply(rec, Event.STOPPED, rec.unload_reason or "stopped")
             if rec.deleting:
                 self._drop(rec)
+            elif rec.reload:
+                self._reload(rec)
+
+    def _reload(self, rec: Record) -> None:
+        """Load again a model whose outdated worker just stopped (lock held)."""
+        rec.reload = False
+        if self.draining or not self._available:
+            return  # the next request or warmup pass loads it
+        try:
+            self._try_start(rec, manual=True)
+        except (NoCapacity, LoadFailed, BackendDown) as exc:
+            log.warning("reload of %s after a config change waits: %s", rec.entry.model_id, exc)
 
     def _forget_process(self, rec: Record) -> None:
         rec.requests_base += rec.worker_requests
@@ -567,6 +729,7 @@ class ModelPool:
         rec.worker_in_flight = 0
         rec.port = None
         rec.pid = None
+        rec.fingerprint = None
         rec.deadline = None
         rec.grace_until = None
         rec.measured_mb = None
@@ -588,10 +751,20 @@ class ModelPool:
     def retry_cleanups(self) -> None:
         """Start again the cleanups of FAILED workers that could not be removed before."""
         with self._lock:
-            for m, rec in self._records.items():
+            for rec in self._records.values():
                 if rec.needs_cleanup and not rec.busy and rec.state is State.FAILED:
-                    rec.busy = True
-                    self.lifecycle.start_cleanup(m, rec.gen)
+                    self._start_cleanup(rec)
+
+    def _start_cleanup(self, rec: Record) -> None:
+        """Start removing a FAILED model's worker (lock held); if it cannot start, retry later."""
+        try:
+            self.lifecycle.start_cleanup(rec.entry.model_id, rec.gen)
+        except Exception:
+            log.exception("could not start the cleanup of %s", rec.entry.model_id)
+            rec.busy = False
+            rec.needs_cleanup = True
+            return
+        rec.busy = True
 
     # --- TTL ----------------------------------------------------------------------------------
 
@@ -608,7 +781,7 @@ class ModelPool:
             now = self.clock()
             ext = policy.extend(rec.deadline, now, minutes, self._bounds())
             rec.deadline = ext.deadline
-            self.dirty = True
+            self._version += 1
             if rec.state is State.COOLING:
                 rec.grace_until = None
                 self._apply(rec, Event.REQUEST_ARRIVED, "extend_ttl")
@@ -623,7 +796,7 @@ class ModelPool:
         fresh = policy.deadline_after(at, ttl)
         if fresh is not None and (rec.deadline is None or fresh > rec.deadline):
             rec.deadline = fresh
-            self.deadlines_moved = True
+            self._moved += 1
         if rec.state is State.COOLING:
             rec.grace_until = None
             self._apply(rec, Event.REQUEST_ARRIVED, "request")
@@ -668,10 +841,9 @@ class ModelPool:
             stable = rec.loaded_at is not None and now - rec.loaded_at >= STABLE_SECONDS
             rec.failures = 1 if stable else rec.failures + 1
             rec.retry_at = policy.retry_not_before(rec.failures, now)
-            rec.busy = True
             self.stats.unloaded(model_id, "crash")
             self._apply(rec, Event.PROCESS_EXITED, "crash")
-            self.lifecycle.start_cleanup(model_id, rec.gen)
+            self._start_cleanup(rec)
 
     def expire(self, now: float) -> None:
         """Apply the TTL events due at ``now`` (only with auto_unload)."""
@@ -772,12 +944,14 @@ class ModelPool:
 
     # --- state file ---------------------------------------------------------------------------
 
-    def persisted(self) -> dict[str, Any]:
-        """What survives a control-plane restart: deadlines and counters of loaded models."""
+    def persisted(self) -> tuple[tuple[int, int], dict[str, Any]]:
+        """What survives a control-plane restart: deadlines and counters of loaded models.
+
+        Returns the snapshot's version with it; the writer calls ``saved(version)`` once the
+        file is written, so a failed write leaves the pool dirty and is tried again.
+        """
         with self._lock:
-            self.dirty = False
-            self.deadlines_moved = False
-            return {
+            return (self._version, self._moved), {
                 "version": 1,
                 "models": {
                     m: {
@@ -792,6 +966,11 @@ class ModelPool:
                     if r.state in OCCUPYING
                 },
             }
+
+    def saved(self, version: tuple[int, int]) -> None:
+        """The snapshot ``version`` from ``persisted`` is on disk."""
+        with self._lock:
+            self._saved, self._moved_saved = version
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block until ``predicate()`` (evaluated under the lock) holds; for callers that wait."""

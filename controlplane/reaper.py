@@ -92,11 +92,35 @@ class Reaper:
         self._thread = threading.Thread(target=self._run, name="modelpool-reaper", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the thread; it writes the state file one last time as it ends.
+
+        The reaper is the state file's only writer: if a slow pass outlasts ``timeout``, the
+        thread still saves when that pass ends, and nobody else writes meanwhile.
+        """
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        if self._thread is None:
+            self.save(force=True)
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("reaper pass still running after %.0f s; it saves when it ends", timeout)
+
+    def save(self, force: bool = False) -> None:
+        """Write the state file if something changed (deadlines moved: at most every 5 s)."""
+        now = self.clock()
+        moved = self.pool.deadlines_moved and now - self._saved_at >= SAVE_DEADLINES_SECONDS
+        if not (self.pool.dirty or moved or (force and self.pool.deadlines_moved)):
+            return
+        version, data = self.pool.persisted()
+        try:
+            self.state_file.write(data)
+        except OSError as exc:
+            log.error("writing %s failed: %s (tried again next pass)", self.state_file.path, exc)
+            return
+        self.pool.saved(version)
+        self._saved_at = now
 
     def wake(self) -> None:
         self._wake.set()
@@ -109,6 +133,10 @@ class Reaper:
                 log.exception("reaper pass failed")
             self._wake.wait(self.delay())
             self._wake.clear()
+        try:
+            self.save(force=True)
+        except Exception:
+            log.exception("final save of the state file failed")
 
     def delay(self) -> float:
         """Seconds until the next pass: the next deadline, capped by the monitor interval."""
@@ -127,12 +155,11 @@ class Reaper:
         try:
             procs = {p.name: p for p in self.supervisor.all_processes()}
         except SupervisorUnavailable as exc:
-            if self.pool.available:
+            if self.pool.set_available(False):
                 log.error("supervisord unavailable: %s", exc)
-            self.pool.available = False
             self.last_tick = self.clock()
             return  # no unloads or restarts while the process manager is away
-        self.pool.available = True
+        self.pool.set_available(True)
         local = time.localtime(self.clock())
         self.pool.refresh_schedules(local.tm_wday, local.tm_hour * 60 + local.tm_min)
         for w in loaded:
@@ -157,12 +184,12 @@ class Reaper:
             self.pool.retry_stop(model_id, gen)
         self.pool.retry_cleanups()
         self._sweep_orphans(procs)
+        for model_id in self.pool.enforce_memory_limit():
+            log.warning("model=%s evicted: measured memory is over memory_limit_mb", model_id)
+        for model_id in self.pool.reload_changed():
+            log.info("model=%s serves an outdated spec: draining and reloading", model_id)
         self.pool.expire(self.clock())
-        now = self.clock()
-        moved = self.pool.deadlines_moved and now - self._saved_at >= SAVE_DEADLINES_SECONDS
-        if self.pool.dirty or moved:
-            self.state_file.write(self.pool.persisted())
-            self._saved_at = now
+        self.save()
         self.last_tick = self.clock()
         self.after_tick()
 

@@ -58,6 +58,8 @@ class Record:
     requests_base: int = 0
     worker_requests: int = 0
     measured_mb: float | None = None
+    #: Memory expected before the worker is measured (set when a load starts).
+    estimate_mb: float | None = None
     last_error: str | None = None
     failures: int = 0
     retry_at: float = 0.0
@@ -69,6 +71,12 @@ class Record:
     adopting: bool = False
     deleting: bool = False
     unload_reason: str = ""
+    #: Fingerprint of the spec the current worker was started with (None: no worker).
+    fingerprint: str | None = None
+    #: Load again once stopped (its worker served an outdated spec).
+    reload: bool = False
+    #: Callers waiting for this model to become HOT (capped by max_queue_per_model).
+    waiters: int = 0
     history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
 
     @property
@@ -84,9 +92,11 @@ class Record:
         return self.in_flight + self.worker_in_flight
 
     def memory(self) -> float:
-        """Measured memory if the worker reports it, else the registry's estimate."""
+        """Measured memory if the worker reports it, else the estimate made at load."""
         if self.measured_mb is not None:
             return self.measured_mb
+        if self.estimate_mb is not None:
+            return self.estimate_mb
         return float(self.entry.memory_mb or 0.0)
 
 

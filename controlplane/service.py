@@ -31,9 +31,11 @@ from controlplane.settings import (
     ConfigStore,
     ModelEntry,
     Settings,
+    atomic_write,
     check_registry,
     parse_entry,
     parse_settings,
+    resolve_model_path,
 )
 from model_service.spec import WorkerSpec
 
@@ -53,6 +55,16 @@ def port_checker(host: str) -> Callable[[int], bool]:
             return True
 
     return is_free
+
+
+def file_mb(path: str) -> float | None:
+    """Size of a registry entry's model file in MiB; None if it has none or cannot be read."""
+    if not path:
+        return None
+    try:
+        return Path(resolve_model_path(path)).stat().st_size / (1024 * 1024)
+    except OSError:
+        return None
 
 
 class PoolService:
@@ -76,6 +88,7 @@ class PoolService:
         self.workers = Workers(self.pool, self.node, self.supervisor, self.probe)
         self.pool.lifecycle = self.workers
         self.pool.is_port_free = port_checker(settings.bind_host)
+        self.pool.file_mb = file_mb
         self.state_file = StateFile(self.node.paths.state_file)
         self.reaper = Reaper(
             self.pool, self.supervisor, self.probe, settings.bind_host, self.state_file, clock
@@ -104,6 +117,7 @@ class PoolService:
     def start(self, supervisor_wait: float = 15.0) -> None:
         """Adopt running workers, clean stale entries, start the reaper, load warmup models."""
         self.node.paths.create()
+        self._write_key(self.pool.settings.api_key)
         procs = self._wait_supervisor(supervisor_wait)
         self._adopt(procs)
         self.reaper.start()
@@ -112,6 +126,10 @@ class PoolService:
         self.started = True
         for model_id in self.pool.warmup_ids():
             self._load_in_background(model_id)
+
+    def _write_key(self, key: str) -> None:
+        """Give every worker the current api_key: they re-read this file when it changes."""
+        atomic_write(self.node.paths.api_key_file, key)
 
     def _withdraw_before_stop(self, model_id: str) -> None:
         """Deregister before the worker drains (bounded: the registry never holds a stop up)."""
@@ -147,13 +165,16 @@ class PoolService:
             self.announcer.withdraw(model_id)
 
     def stop(self) -> None:
-        """Stop the reaper and pending tasks; workers keep running (a restart adopts them)."""
+        """Stop pending tasks and the reaper; workers keep running (a restart adopts them).
+
+        Tasks first: what they report still reaches the state file, which the reaper (its only
+        writer) saves as it ends.
+        """
+        self.workers.stopping.set()
+        self.workers.join(5)
         self.reaper.stop()
         if self.announcer is not None:
             self.announcer.stop()
-        self.workers.stopping.set()
-        self.workers.join(5)
-        self.state_file.write(self.pool.persisted())
 
     def _wait_supervisor(self, timeout: float) -> list[Any]:
         limit = time.monotonic() + timeout
@@ -183,7 +204,7 @@ class PoolService:
             ):
                 entry = saved.get(model_id, {})
                 deadline = entry.get("deadline") if isinstance(entry, dict) else None
-                if self.pool.adopt(model_id, spec.port, info.pid, deadline):
+                if self.pool.adopt(model_id, spec.port, info.pid, deadline, spec.fingerprint()):
                     log.info("adopting model=%s program=%s port=%s", model_id, info.name, spec.port)
                     live.add(info.name)
                     continue
@@ -227,7 +248,7 @@ class PoolService:
 
         The failure backoff applies; a permanent failure is not retried.
         """
-        if not self.pool.available:
+        if not self.pool.available or self.workers.stopping.is_set():
             return
         now = self.pool.clock()
         kept = set(self.pool.warmup_ids()) | self.pool.scheduled_ids()
@@ -297,6 +318,8 @@ class PoolService:
             except ConfigError as exc:
                 raise InvalidInput(str(exc)) from None
             self.store.save_settings(new)
+            if new.api_key != old.api_key:
+                self._write_key(new.api_key)  # running workers take it at their next request
             self.pool.set_settings(new)
         restart = [
             k for k in raw if SETTINGS_BY_NAME[k].restart and getattr(old, k) != getattr(new, k)

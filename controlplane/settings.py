@@ -27,6 +27,11 @@ BACKENDS: Final = ("ollama", "llamacpp", "openai")
 #: Backends that hold the model in the worker's own process: its RSS is the model's memory.
 IN_PROCESS_BACKENDS: Final = frozenset({"llamacpp"})
 MODEL_ID_MAX: Final = 200
+#: Threads of the control plane's one gunicorn worker: streams, load waiters and the API share
+#: them. Load waiters may take all but ``RESERVED_THREADS``, so the control API always answers.
+CONTROL_THREADS: Final = 512
+RESERVED_THREADS: Final = 64
+MAX_WAITING_TOTAL: Final = CONTROL_THREADS - RESERVED_THREADS
 MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 #: A model id may not end in one of these after a '/': /models/<id>/<segment> is a route.
 RESERVED_LAST_SEGMENTS: Final = frozenset({"health", "load", "unload", "extend-ttl"})
@@ -221,6 +226,17 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("auto_unload", _bool, "unload models whose TTL and grace period passed"),
     Setting("graceful_shutdown_seconds", _num(0, DAY_SECONDS), "drain time of in-flight requests"),
     Setting("load_timeout_seconds", _num(1, DAY_SECONDS), "WARMING longer than this is FAILED"),
+    Setting(
+        "max_queue_per_model",
+        lambda k, v: _number(k, v, minimum=1, integer=True),
+        f"requests that may wait for one model's load; more get 503 at once (all models: "
+        f"at most {MAX_WAITING_TOTAL})",
+    ),
+    Setting(
+        "default_memory_mb",
+        _num(0, 1e9),
+        "memory estimate of a model whose entry gives no memory_mb (and no GGUF file to size)",
+    ),
     Setting("ollama_base_url", _url, "Ollama's HTTP API"),
     Setting("control_port", _port, "control plane port", restart=True),
     Setting("bind_host", _host, "address the control plane and workers bind", True),
@@ -264,6 +280,8 @@ class Settings:
     auto_unload: bool = True
     graceful_shutdown_seconds: float = 30.0
     load_timeout_seconds: float = 300.0
+    max_queue_per_model: int = 256
+    default_memory_mb: float = 1024.0
     ollama_base_url: str = "http://localhost:11434"
     control_port: int = 8050
     bind_host: str = "127.0.0.1"

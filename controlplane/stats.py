@@ -17,7 +17,17 @@ LOAD_BUCKETS: Final = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 
 #: The closed lists of reasons (labels never come from unbounded input).
 LOAD_FAILURE_REASONS: Final = ("timeout", "backend_error", "exited", "start_error", "supervisord")
-UNLOAD_REASONS: Final = ("ttl", "manual", "eviction", "crash", "shutdown", "deleted", "operator")
+UNLOAD_REASONS: Final = (
+    "ttl",
+    "manual",
+    "eviction",
+    "crash",
+    "shutdown",
+    "deleted",
+    "operator",
+    "config_changed",
+    "memory",
+)
 
 
 @dataclass

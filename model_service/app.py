@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from model_service import jsonbody
-from model_service.auth import bearer_ok
+from model_service.auth import KeySource, bearer_ok
 from model_service.backends import make_backend
 from model_service.backends.base import Backend, BackendError, Result
 from model_service.metrics import WorkerMetrics
@@ -38,6 +38,7 @@ class WorkerState:
     def __init__(self, spec: WorkerSpec, backend: Backend) -> None:
         self.spec = spec
         self.backend = backend
+        self.fingerprint = spec.fingerprint()
         self.status = "loading"
         self.error: str | None = None
         #: "permanent" (bad file, bad config, unknown model: retrying will not help) or
@@ -117,6 +118,7 @@ class WorkerState:
                 "memory_mb": memory,
                 "port": self.spec.port,
                 "pid": os.getpid(),
+                "fingerprint": self.fingerprint,
             }
 
 
@@ -155,11 +157,14 @@ def create_app(
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
+    keys = KeySource(spec.api_key_file, spec.api_key)
+
     @app.before_request
     def require_key() -> Response | None:
-        if not spec.api_key or not request.path.startswith("/v1/"):
+        key = keys.get()
+        if not key or not request.path.startswith("/v1/"):
             return None
-        if bearer_ok(request.headers.get("Authorization"), spec.api_key):
+        if bearer_ok(request.headers.get("Authorization"), key):
             return None
         resp = error_response(
             "missing or wrong API key: send Authorization: Bearer <api_key>",

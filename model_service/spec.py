@@ -7,6 +7,7 @@ program entry itself (a model id may contain characters that entry syntax would 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -39,12 +40,33 @@ class WorkerSpec:
     load_timeout_seconds: float = 300.0
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = 8 * 1024 * 1024
-    #: Bearer token required on /v1 (empty: none), the pool's api_key.
+    #: Bearer token required on /v1 (empty: none), the pool's api_key; ``api_key_file`` wins.
     api_key: str = ""
+    #: A file holding the pool's current api_key, re-read when it changes (key rotation).
+    api_key_file: str = ""
 
     @property
     def backend_model(self) -> str:
         return self.upstream_model or self.model_id
+
+    def fingerprint(self) -> str:
+        """A short hash of what the worker serves and from where.
+
+        Two specs with the same fingerprint serve the same thing: the port, the API key (which
+        a running worker re-reads) and limits such as the load timeout are left out, so only a
+        change that needs a new worker changes it.
+        """
+        served = {
+            "model_id": self.model_id,
+            "backend": self.backend,
+            "ollama_base_url": self.ollama_base_url if self.backend == "ollama" else "",
+            "upstream_url": self.upstream_url,
+            "upstream_model": self.upstream_model,
+            "model_path": self.model_path,
+            "options": self.options,
+        }
+        text = json.dumps(served, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

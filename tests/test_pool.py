@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from controlplane.core import policy
 from controlplane.core.states import State
 from controlplane.errors import (
     BackendDown,
@@ -376,7 +377,7 @@ def test_a_model_in_flight_is_never_expired_even_past_its_deadline() -> None:
 
 def test_supervisord_away_refuses_loads_without_changing_state() -> None:
     pool, fake, _ = make([ModelEntry("a")])
-    pool.available = False
+    pool.set_available(False)
     with pytest.raises(BackendDown):
         pool.ensure_loaded("a", wait=False)
     assert pool.record("a").state is State.COLD and not fake.loads
@@ -439,3 +440,243 @@ def test_changing_the_warmup_set_moves_deadlines() -> None:
     assert pool.record("a").deadline is None
     pool.set_settings(parse_settings({"warmup_models": []}, pool.settings))
     assert pool.record("a").deadline == pytest.approx(clock.now + 60)
+
+
+def test_a_listener_that_raises_leaves_no_model_stuck_unloading() -> None:
+    """Regression: a raising listener inside _begin_unload left busy set and no stop job.
+
+    Deterministic: the listener raises on every transition; no thread or clock is involved.
+    """
+    pool, fake, _ = make([ModelEntry("a")])
+    hot(pool, fake, "a")
+
+    def broken(rec: object, old: State, new: State) -> None:
+        raise RuntimeError("listener bug")
+
+    pool.listeners.append(broken)
+    pool.unload("a")
+    assert pool.record("a").state is State.UNLOADING
+    assert fake.stops, "the stop job was never started"
+    _, gen, _ = fake.stops[-1]
+    pool.stopped("a", gen)
+    assert pool.record("a").state is State.COLD
+
+
+class _RefusingLifecycle(FakeLifecycle):
+    """A lifecycle whose jobs cannot start (e.g. no thread can be created) until allowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse = True
+
+    def start_stop(self, model_id: str, gen: int, force: bool) -> None:
+        if self.refuse:
+            raise RuntimeError("can't start new thread")
+        super().start_stop(model_id, gen, force)
+
+    def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
+        if self.refuse:
+            raise RuntimeError("can't start new thread")
+        super().start_load(model_id, gen, adopt)
+
+
+def test_a_stop_job_that_cannot_start_is_retried_by_the_reaper() -> None:
+    """Regression: busy was set before the job started, so retry_stop skipped the model."""
+    pool, _, _ = make([ModelEntry("a")])
+    fake = _RefusingLifecycle()
+    pool.lifecycle = fake
+    fake.refuse = False
+    hot(pool, fake, "a")
+    fake.refuse = True
+    pool.unload("a")
+    rec = pool.record("a")
+    assert rec.state is State.UNLOADING and not rec.busy
+    assert pool.unloading_idle() == [("a", rec.gen, rec.program)]
+    fake.refuse = False
+    pool.retry_stop("a", rec.gen)
+    assert fake.stops and pool.record("a").busy
+
+
+def test_a_load_job_that_cannot_start_fails_the_load() -> None:
+    """Regression: a model whose load job never started stayed WARMING for good."""
+    pool, _, _ = make([ModelEntry("a")])
+    pool.lifecycle = _RefusingLifecycle()
+    with pytest.raises(LoadFailed):
+        pool.ensure_loaded("a", timeout=1)
+    rec = pool.record("a")
+    assert rec.state is State.FAILED and rec.needs_cleanup and not rec.busy
+
+
+def test_release_of_an_old_generation_does_not_touch_the_new_one() -> None:
+    """Regression: release() was keyed by model id, so in-flight counts of two loads mixed.
+
+    Deterministic: generations are driven by hand through the fake lifecycle.
+    """
+    pool, fake, _ = make([ModelEntry("a")])
+    hot(pool, fake, "a")
+    old = pool.begin_request("a")
+    pool.unload("a", force=True)
+    _, gen, _ = fake.stops[-1]
+    pool.stopped("a", gen)
+    hot(pool, fake, "a")
+    new = pool.begin_request("a")
+    assert new.gen != old.gen
+    pool.release("a", old.gen)  # the old worker's request ends late
+    assert pool.record("a").in_flight == 1, "the new load's request is still in flight"
+    pool.release("a", new.gen)
+    assert pool.record("a").in_flight == 0
+
+
+def test_state_stays_dirty_until_the_write_succeeded() -> None:
+    """Regression: persisted() cleared the dirty flag before the file was written."""
+    pool, fake, _ = make([ModelEntry("a")])
+    hot(pool, fake, "a")
+    assert pool.dirty
+    version, data = pool.persisted()
+    assert "a" in data["models"]
+    assert pool.dirty, "nothing was written yet"
+    pool.saved(version)
+    assert not pool.dirty
+    # A change between the snapshot and the write keeps the pool dirty.
+    version, _ = pool.persisted()
+    pool.unload("a")
+    pool.saved(version)
+    assert pool.dirty
+
+
+def test_supervisord_availability_is_written_under_the_lock() -> None:
+    """Regression: the reaper assigned pool.available from its own thread without the lock."""
+    pool, _, _ = make([ModelEntry("a")])
+    assert pool.set_available(False) is True
+    assert pool.available is False
+    with pytest.raises(AttributeError):
+        pool.available = True  # type: ignore[misc]
+
+
+def _wait_for(pred: object, timeout: float = 5.0) -> None:
+    import time
+
+    limit = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        assert time.monotonic() < limit, "condition not met"
+        time.sleep(0.01)
+
+
+def test_waiters_per_model_are_capped_and_the_rest_refused_at_once() -> None:
+    """Regression: every caller waited for a slow load, and all threads could be taken.
+
+    Deterministic: the load never finishes until the test says so; the waiters are counted
+    before the refused caller comes.
+    """
+    pool, fake, _ = make([ModelEntry("a"), ModelEntry("b")], max_queue_per_model=2)
+    pool.ensure_loaded("a", wait=False)
+    results: list[object] = []
+
+    def wait() -> None:
+        try:
+            results.append(pool.begin_request("a", timeout=10).state)
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=wait) for _ in range(2)]
+    for t in threads:
+        t.start()
+    _wait_for(lambda: pool.record("a").waiters == 2)
+    with pytest.raises(NoCapacity) as info:
+        pool.begin_request("a", timeout=10)
+    assert "max_queue_per_model 2" in str(info.value) and info.value.retry_after
+    _, gen, _ = fake.loads[-1]
+    pool.became_ready("a", gen, None, 1)
+    for t in threads:
+        t.join(5)
+    assert results == [State.HOT, State.HOT]
+    assert pool.record("a").waiters == 0 and pool.record("a").in_flight == 2
+
+
+def test_waiters_in_all_models_are_capped_below_the_thread_count() -> None:
+    pool, fake, _ = make([ModelEntry("a"), ModelEntry("b")])
+    pool.max_waiting_total = 1
+    pool.ensure_loaded("a", wait=False)
+    pool.ensure_loaded("b", wait=False)
+    t = threading.Thread(target=lambda: pool.ensure_loaded("a", timeout=10))
+    t.start()
+    _wait_for(lambda: pool.record("a").waiters == 1)
+    with pytest.raises(NoCapacity, match="at most 1 in all"):
+        pool.ensure_loaded("b", timeout=10)
+    pool.became_ready("a", fake.loads[0][1], None, 1)
+    t.join(5)
+    assert not t.is_alive()
+
+
+def test_a_waiter_that_times_out_leaves_the_queue() -> None:
+    pool, _, _ = make([ModelEntry("a")], max_queue_per_model=1)
+    pool.ensure_loaded("a", wait=False)
+    with pytest.raises(LoadTimeout):
+        pool.ensure_loaded("a", timeout=0.05)
+    assert pool.record("a").waiters == 0
+    with pytest.raises(LoadTimeout):  # not NoCapacity: the queue has room again
+        pool.ensure_loaded("a", timeout=0.05)
+
+
+def test_an_unmeasured_model_counts_its_estimate_against_the_memory_limit() -> None:
+    """Regression: a model without memory_mb counted as 0 MB until it was measured."""
+    pool, fake, _ = make(
+        [ModelEntry("a"), ModelEntry("b")], memory_limit_mb=1500, default_memory_mb=1000
+    )
+    hot(pool, fake, "a")
+    assert pool.record("a").memory() == 1000
+    with pool.acquire("a"), pytest.raises(NoCapacity):
+        pool.ensure_loaded("b", wait=False)
+
+
+def test_a_gguf_model_is_estimated_from_its_file_size() -> None:
+    entry = ModelEntry("g", backend="llamacpp", model_path="/models/g.gguf")
+    pool, fake, _ = make([entry], default_memory_mb=5)
+    pool.file_mb = lambda path: 500.0 if path == "/models/g.gguf" else None
+    hot(pool, fake, "g")
+    assert pool.record("g").memory() == 500.0 + policy.WORKER_OVERHEAD_MB
+
+
+def test_a_measurement_over_the_limit_evicts_idle_models_lru_first() -> None:
+    """Regression: the memory limit was checked only when a load was admitted."""
+    pool, fake, clock = make(
+        [
+            ModelEntry("a", memory_mb=100),
+            ModelEntry("b", memory_mb=100),
+            ModelEntry("w", memory_mb=100, warmup=True),
+        ],
+        memory_limit_mb=1000,
+    )
+    for m in ("w", "a", "b"):
+        hot(pool, fake, m)
+        clock.now += 1
+    assert pool.enforce_memory_limit() == []
+    # The workers grow past their estimates: 300 + 400 + 500 = 1200 > 1000.
+    for m, mb in (("w", 300.0), ("a", 400.0), ("b", 500.0)):
+        rec = pool.record(m)
+        pool.observe_worker(m, rec.gen, 0, 0, None, mb)
+    assert pool.enforce_memory_limit() == ["a"]  # the LRU one that is not warmup
+    assert pool.record("a").state is State.UNLOADING
+    assert pool.record("a").history[-1].reason == "memory"
+    assert pool.enforce_memory_limit() == []  # 300 + 500 once a has stopped
+
+
+def test_a_model_whose_entry_changed_is_drained_and_reloaded() -> None:
+    """Regression: a worker kept serving the spec it was started with after an entry change."""
+    from dataclasses import replace as dc_replace
+
+    from controlplane.specs import wanted_fingerprint
+
+    entry = ModelEntry("a", backend="ollama")
+    pool, fake, _ = make([entry])
+    hot(pool, fake, "a")
+    gen = pool.record("a").gen
+    pool.started_with("a", gen, wanted_fingerprint(entry, pool.settings))
+    assert pool.reload_changed() == []
+    pool.set_settings(dc_replace(pool.settings, ollama_base_url="http://127.0.0.1:1"))
+    assert pool.reload_changed() == ["a"]
+    rec = pool.record("a")
+    assert rec.state is State.UNLOADING and rec.unload_reason == "config_changed"
+    pool.stopped("a", gen)
+    assert pool.record("a").state is State.WARMING, "loaded again at once"
+    assert len(fake.loads) == 2

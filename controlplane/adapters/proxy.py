@@ -28,11 +28,14 @@ def _stale(conn: http.client.HTTPConnection) -> bool:
     sock = conn.sock
     if sock is None:
         return True
+    # poll, not select: select() refuses descriptors past FD_SETSIZE (1024), which a front door
+    # with a few hundred streams and their idle connections reaches.
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 class WorkerProxy:

@@ -56,12 +56,12 @@ def _relay(path: str) -> Response:
         assert rec.port is not None
         resp, done = proxy.send(svc.node.bind_host, rec.port, "POST", path, raw, headers)
     except WorkerUnreachable as exc:
-        svc.pool.release(model)
+        svc.pool.release(model, rec.gen)
         raise BackendDown(f"model {model!r}: {exc}", retry_after=2) from None
     except BaseException:
-        svc.pool.release(model)
+        svc.pool.release(model, rec.gen)
         raise
-    relay = Relay(resp, done, lambda: svc.pool.release(model))
+    relay = Relay(resp, done, lambda: svc.pool.release(model, rec.gen))
     out = Response(relay, status=resp.status, content_type=resp.getheader("Content-Type"))
     for name in ("Retry-After", "Cache-Control", "X-Accel-Buffering"):
         value = resp.getheader(name)

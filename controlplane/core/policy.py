@@ -183,6 +183,41 @@ def plan_capacity(
     )
 
 
+#: What a llama.cpp worker costs beyond its GGUF file (Python, gunicorn, Flask, llama.cpp's
+#: context and buffers): about 80 MiB measured for a small model (docs/BENCHMARKS.md).
+WORKER_OVERHEAD_MB: Final = 100.0
+
+
+def estimate_mb(memory_mb: float | None, file_mb: float | None, default_mb: float) -> float:
+    """A model's memory before it is measured: the entry's ``memory_mb``, else its model file
+    plus a worker's overhead (in-process backends), else the configured default."""
+    if memory_mb is not None:
+        return memory_mb
+    if file_mb is not None:
+        return file_mb + WORKER_OVERHEAD_MB
+    return default_mb
+
+
+def evict_over_limit(models: Sequence[ModelView], memory_limit_mb: float) -> tuple[str, ...]:
+    """Idle models to unload (LRU first) while the memory in use is over the limit.
+
+    Models already UNLOADING are on their way out and do not count; warmup models and models
+    with a request in flight are never chosen. Returns () when within the limit (or none).
+    """
+    if memory_limit_mb <= 0:
+        return ()
+    settled = [m for m in models if m.state in OCCUPYING and m.state is not State.UNLOADING]
+    total = sum(m.memory_mb for m in settled)
+    victims: list[str] = []
+    for m in sorted(settled, key=lambda m: (m.last_used, m.model_id)):
+        if total <= memory_limit_mb:
+            break
+        if m.state in (State.HOT, State.COOLING) and not m.warmup and m.in_flight == 0:
+            victims.append(m.model_id)
+            total -= m.memory_mb
+    return tuple(victims)
+
+
 def retry_not_before(failures: int, failed_at: float) -> float:
     """When a model that failed ``failures`` times in a row may be loaded again automatically.
 
