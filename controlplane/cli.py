@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usag
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -402,20 +403,41 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
     return demo_model.main(argv)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modelpool", description=__doc__.splitlines()[0])
-    p.add_argument("--config-dir", help=f"config directory (env {CONFIG_DIR_ENV}; default config/)")
-    p.add_argument("--run-dir", help=f"run directory (env {RUN_DIR_ENV}; default run/)")
-    p.add_argument("--url", help="control plane URL (env MODELPOOL_URL; default from config)")
-    sub = p.add_subparsers(dest="command", required=True)
+def _global_options(default: Any) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name.
 
-    s = sub.add_parser("up", help="start supervisord with the stack; return once healthy")
+    The copy on each subcommand has ``argparse.SUPPRESS`` as its default, so that an option
+    given before the subcommand is not reset by the subcommand's own default.
+    """
+    g = argparse.ArgumentParser(add_help=False)
+    g.add_argument(
+        "--config-dir",
+        default=default,
+        help=f"config directory (env {CONFIG_DIR_ENV}; default config/)",
+    )
+    g.add_argument(
+        "--run-dir", default=default, help=f"run directory (env {RUN_DIR_ENV}; default run/)"
+    )
+    g.add_argument(
+        "--url", default=default, help="control plane URL (env MODELPOOL_URL; default from config)"
+    )
+    return g
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="modelpool", description=__doc__.splitlines()[0], parents=[_global_options(None)]
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, parents=[_global_options(argparse.SUPPRESS)])
+
+    s = add("up", help="start supervisord with the stack; return once healthy")
     s.add_argument("--timeout", type=float, default=60)
     s.set_defaults(fn=cmd_up)
-    s = sub.add_parser("down", help="drain workers, stop supervisord, leave no process behind")
+    s = add("down", help="drain workers, stop supervisord, leave no process behind")
     s.add_argument("--timeout", type=float, default=120)
     s.set_defaults(fn=cmd_down)
-    s = sub.add_parser("status", help="a table of models, states, ports, TTL left")
+    s = add("status", help="a table of models, states, ports, TTL left")
     s.add_argument("--json", action="store_true", help="print the raw JSON")
     s.add_argument(
         "--watch",
@@ -428,29 +450,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--count", type=int, default=0, help="with --watch: stop after COUNT refreshes")
     s.set_defaults(fn=cmd_status)
-    s = sub.add_parser("config", help="read or change a setting (PATCH /config)")
+    s = add("config", help="read or change a setting (PATCH /config)")
     s.add_argument("action", choices=["get", "set"])
     s.add_argument("key", nargs="?")
     s.add_argument("value", nargs="?", help="a YAML value: 5, 0.5, true, [a, b], {start: 1}")
     s.set_defaults(fn=cmd_config)
-    s = sub.add_parser("load", help="load a model and wait until it is HOT")
+    s = add("load", help="load a model and wait until it is HOT")
     s.add_argument("model")
     s.add_argument("--timeout", type=float, default=600)
     s.set_defaults(fn=cmd_load)
-    s = sub.add_parser("unload", help="unload a model (drains in-flight requests)")
+    s = add("unload", help="unload a model (drains in-flight requests)")
     s.add_argument("model")
     s.add_argument("--force", action="store_true", help="skip the drain")
     s.set_defaults(fn=cmd_unload)
-    s = sub.add_parser("extend-ttl", help="move a model's TTL deadline")
+    s = add("extend-ttl", help="move a model's TTL deadline")
     s.add_argument("model")
     s.add_argument("minutes", type=float)
     s.set_defaults(fn=cmd_extend_ttl)
-    s = sub.add_parser("logs", help="tail a model worker's log")
+    s = add("logs", help="tail a model worker's log")
     s.add_argument("model")
     s.add_argument("-n", "--lines", type=int, default=50)
     s.add_argument("-f", "--follow", action="store_true")
     s.set_defaults(fn=cmd_logs)
-    s = sub.add_parser(
+    s = add(
         "make-demo-model", help="write the demo GGUF (random weights, deterministic from a seed)"
     )
     s.add_argument("path", nargs="?", type=Path, default=PROJECT_DIR / "data" / "demo-llama.gguf")

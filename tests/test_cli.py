@@ -1,4 +1,4 @@
-"""The modelpool command against a running stack: watch, config, exit codes."""
+"""The modelpool command: its options, and against a running stack: watch, config, exit codes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,27 @@ from typing import Any
 
 import pytest
 
+from controlplane.cli import build_parser
 from tests.stack import Stack
+
+GLOBALS = {"--config-dir": "config_dir", "--run-dir": "run_dir", "--url": "url"}
+
+
+@pytest.mark.parametrize("option", sorted(GLOBALS))
+@pytest.mark.parametrize("command", [["up"], ["down"], ["status"], ["load", "m:1"]])
+def test_cli_global_options_after_the_subcommand(option: str, command: list[str]) -> None:
+    """Deterministic: argument parsing only."""
+    parse = build_parser().parse_args
+    attr = GLOBALS[option]
+    before = parse([option, "A", *command])
+    after = parse([*command, option, "A"])
+    assert getattr(before, attr) == getattr(after, attr) == "A"
+    assert before.fn is after.fn
+    # Given in both places, the one after the command wins; given nowhere, it is None.
+    assert getattr(parse([option, "A", *command, option, "B"]), attr) == "B"
+    assert getattr(parse(command), attr) is None
+    others = [a for o, a in GLOBALS.items() if o != option]
+    assert all(getattr(after, a) is None for a in others)
 
 
 @pytest.fixture(scope="module")
