@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from typing import Any
 
+import psutil
 import pytest
 
-from controlplane.cli import build_parser
-from tests.stack import Stack
+from controlplane.cli import _alive, build_parser
+from tests.stack import Stack, wait_until
 
 GLOBALS = {"--config-dir": "config_dir", "--run-dir": "run_dir", "--url": "url"}
 
@@ -27,6 +30,16 @@ def test_cli_global_options_after_the_subcommand(option: str, command: list[str]
     assert getattr(parse(command), attr) is None
     others = [a for o, a in GLOBALS.items() if o != option]
     assert all(getattr(after, a) is None for a in others)
+
+
+def test_alive_counts_a_zombie_child_as_gone() -> None:
+    """Deterministic: the child's exit is awaited (as a zombie, then reaped) before each check."""
+    assert _alive(os.getpid())
+    child = subprocess.Popen(["true"])
+    wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE)
+    assert not _alive(child.pid)
+    child.wait()
+    assert not _alive(child.pid)
 
 
 @pytest.fixture(scope="module")
