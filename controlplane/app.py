@@ -12,6 +12,7 @@ from flask import Flask, Response, request
 
 from controlplane import ui
 from controlplane.adapters.proxy import WorkerProxy
+from controlplane.adapters.rundir import RunDirLock
 from controlplane.api import control, errors, metrics, openai, ops
 from controlplane.core.states import State
 from controlplane.node import PROJECT_DIR
@@ -23,7 +24,13 @@ from model_service.auth import bearer_ok
 RUN_DIR_ENV = "MODELPOOL_RUN_DIR"
 CONFIG_DIR_ENV = "MODELPOOL_CONFIG_DIR"
 EXT = "modelpool"
+LOCK_EXT = "modelpool.run_dir_lock"
 OPENAPI = Path(__file__).resolve().parent / "openapi.yaml"
+#: How long a control plane waits for the run dir's lock while a predecessor of the same stack
+#: still holds it (an orphaned worker of a killed gunicorn master drains first), and while
+#: another process does (``modelpool up`` starting the stack holds it for a moment).
+LOCK_WAIT_SAME_STACK = 30.0
+LOCK_WAIT = 3.0
 
 
 def default_dirs() -> tuple[Path, Path]:
@@ -41,10 +48,24 @@ def is_public(path: str, public: tuple[str, ...]) -> bool:
 def create_app(service: PoolService | None = None) -> Flask:
     """Build the control plane. The pool starts in gunicorn's ``post_worker_init``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    lock = None
     if service is None:
         config_dir, run_dir = default_dirs()
-        service = PoolService(ConfigStore(config_dir), run_dir)
+        store = ConfigStore(config_dir)
+        settings, _ = store.load()
+        # Before anything touches the run dir: a second control plane on it would take this
+        # one's workers for orphans and stop them. Raising here makes gunicorn give up.
+        lock = RunDirLock.acquire(
+            run_dir,
+            config_dir,
+            settings.control_port,
+            wait=LOCK_WAIT,
+            wait_same_stack=LOCK_WAIT_SAME_STACK,
+        )
+        service = PoolService(store, run_dir)
     app = Flask("controlplane")
+    if lock is not None:
+        app.extensions[LOCK_EXT] = lock  # held for the life of the process
     # Chat requests carry whole conversations: the same limit as a worker's.
     app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
 """The ``modelpool`` command: run the stack and drive the pool from a terminal or a script.
 
-Exit codes: 0 success, 1 the operation failed (the message says why), 2 bad usage or config,
-3 the control plane (or supervisord) is not reachable.
+Exit codes: 0 success, 1 the operation failed (the message says why; ``up`` on a run dir that
+another stack holds is one), 2 bad usage or config, 3 the control plane (or supervisord) is not
+reachable.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import psutil
 import requests
 import yaml
 
+from controlplane.adapters import rundir
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
 from controlplane.adapters.worker import local_session
 from controlplane.app import CONFIG_DIR_ENV, RUN_DIR_ENV, default_dirs
@@ -122,24 +124,42 @@ def _table(rows: list[list[str]]) -> str:
 # --- commands ----------------------------------------------------------------------------------
 
 
+def _run_dir_owner(run_dir: Path) -> rundir.Holder | None:
+    """The stack that has ``run_dir`` now: its control plane holds the lock, or its supervisord
+    answers on the run dir's socket (then the lock's last record says whose it is)."""
+    holder = rundir.holder(run_dir)
+    if holder is not None:
+        return holder
+    try:
+        pid = SupervisorClient(str(RunPaths(run_dir).socket), timeout=5).pid()
+    except SupervisorError:
+        return None
+    last = rundir.last_holder(run_dir) or rundir.Holder(0)
+    return rundir.Holder(pid, last.config_dir, last.control_port)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     config_dir, run_dir = _dirs(args)
     settings = _settings(config_dir)
+    # Nothing is written before this check: a run dir another stack has stays as it is.
+    owner = _run_dir_owner(run_dir)
+    if owner is not None and not owner.same_stack(config_dir, settings.control_port):
+        raise CliError(str(rundir.RunDirBusy(run_dir, owner)))
     node = Node.local(run_dir, settings)
-    try:
-        node.paths.create()
-    except ConfigError as exc:
-        raise CliError(str(exc), EXIT_USAGE) from None
-    client = SupervisorClient(str(node.paths.socket), timeout=5)
-    try:
-        client.state()
-        running = True
-    except SupervisorError:
-        running = False
-    if running:
-        print(f"supervisord already running for {node.paths.run_dir}")
+    if owner is not None:
+        print(f"modelpool is already up for {run_dir} (pid {owner.pid})")
     else:
-        _start_supervisord(node, config_dir, run_dir, settings)
+        try:
+            lock = rundir.RunDirLock.acquire(run_dir, config_dir, settings.control_port)
+        except rundir.RunDirBusy as exc:
+            raise CliError(str(exc)) from None
+        try:
+            node.paths.create()
+            _start_supervisord(node, config_dir, run_dir, settings)
+        except ConfigError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+        finally:
+            lock.release()
     host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "") else settings.bind_host
     url = f"http://{host}:{settings.control_port}"
     limit = time.monotonic() + args.timeout
