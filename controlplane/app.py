@@ -18,11 +18,12 @@ from controlplane.core.states import State
 from controlplane.node import PROJECT_DIR
 from controlplane.records import Record
 from controlplane.service import PoolService
-from controlplane.settings import ConfigStore
+from controlplane.settings import SHIPPED_CONFIG_DIR, ConfigStore
 from model_service.auth import bearer_ok
 
 RUN_DIR_ENV = "MODELPOOL_RUN_DIR"
 CONFIG_DIR_ENV = "MODELPOOL_CONFIG_DIR"
+DEFAULTS_DIR_ENV = "MODELPOOL_DEFAULTS_DIR"
 EXT = "modelpool"
 LOCK_EXT = "modelpool.run_dir_lock"
 OPENAPI = Path(__file__).resolve().parent / "openapi.yaml"
@@ -33,11 +34,20 @@ LOCK_WAIT_SAME_STACK = 30.0
 LOCK_WAIT = 3.0
 
 
-def default_dirs() -> tuple[Path, Path]:
-    """(config dir, run dir) from the environment, else ``config/`` and ``run/``."""
-    config_dir = Path(os.environ.get(CONFIG_DIR_ENV) or PROJECT_DIR / "config")
-    run_dir = Path(os.environ.get(RUN_DIR_ENV) or PROJECT_DIR / "run")
+def default_dirs(run_dir: Path | None = None) -> tuple[Path, Path]:
+    """(config dir, run dir): from the environment, else ``<run dir>/config`` and ``run/``.
+
+    ``run_dir``, when given, is the run dir (and the default config dir is in it).
+    """
+    run_dir = run_dir or Path(os.environ.get(RUN_DIR_ENV) or PROJECT_DIR / "run")
+    config_dir = Path(os.environ.get(CONFIG_DIR_ENV) or run_dir / "config")
     return config_dir, run_dir
+
+
+def config_store(config_dir: Path) -> ConfigStore:
+    """The live config in ``config_dir`` over the shipped defaults (``config/``, or the env's)."""
+    defaults = Path(os.environ.get(DEFAULTS_DIR_ENV) or SHIPPED_CONFIG_DIR)
+    return ConfigStore(config_dir, defaults)
 
 
 def is_public(path: str, public: tuple[str, ...]) -> bool:
@@ -51,7 +61,7 @@ def create_app(service: PoolService | None = None) -> Flask:
     lock = None
     if service is None:
         config_dir, run_dir = default_dirs()
-        store = ConfigStore(config_dir)
+        store = config_store(config_dir)
         settings, _ = store.load()
         # Before anything touches the run dir: a second control plane on it would take this
         # one's workers for orphans and stop them. Raising here makes gunicorn give up.
@@ -62,6 +72,7 @@ def create_app(service: PoolService | None = None) -> Flask:
             wait=LOCK_WAIT,
             wait_same_stack=LOCK_WAIT_SAME_STACK,
         )
+        store.seed()
         service = PoolService(store, run_dir)
     app = Flask("controlplane")
     if lock is not None:

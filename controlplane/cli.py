@@ -26,7 +26,13 @@ import yaml
 from controlplane.adapters import rundir
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
 from controlplane.adapters.worker import local_session
-from controlplane.app import CONFIG_DIR_ENV, RUN_DIR_ENV, default_dirs
+from controlplane.app import (
+    CONFIG_DIR_ENV,
+    DEFAULTS_DIR_ENV,
+    RUN_DIR_ENV,
+    config_store,
+    default_dirs,
+)
 from controlplane.core.slug import PROGRAM_PREFIX, program_name
 from controlplane.node import PROJECT_DIR, Node, RunPaths
 from controlplane.settings import ConfigError, ConfigStore, Settings
@@ -44,13 +50,17 @@ class CliError(Exception):
 
 
 def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
-    config_dir, run_dir = default_dirs()
-    return (Path(args.config_dir or config_dir), Path(args.run_dir or run_dir))
+    """(config dir, run dir), absolute: the options, else the environment, else the defaults
+    (``run/`` and the run dir's ``config/``)."""
+    config_dir, run_dir = default_dirs(Path(args.run_dir) if args.run_dir else None)
+    if args.config_dir:
+        config_dir = Path(args.config_dir)
+    return config_dir.resolve(), run_dir.resolve()
 
 
-def _settings(config_dir: Path) -> Settings:
+def _settings(config_dir: Path, store: ConfigStore | None = None) -> Settings:
     try:
-        settings, _ = ConfigStore(config_dir).load()
+        settings, _ = (store or config_store(config_dir)).load()
     except ConfigError as exc:
         raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
     return settings
@@ -140,7 +150,8 @@ def _run_dir_owner(run_dir: Path) -> rundir.Holder | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     config_dir, run_dir = _dirs(args)
-    settings = _settings(config_dir)
+    store = config_store(config_dir)
+    settings = _settings(config_dir, store)
     # Nothing is written before this check: a run dir another stack has stays as it is.
     owner = _run_dir_owner(run_dir)
     if owner is not None and not owner.same_stack(config_dir, settings.control_port):
@@ -155,6 +166,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from None
         try:
             node.paths.create()
+            store.seed()
             _start_supervisord(node, config_dir, run_dir, settings)
         except ConfigError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
@@ -190,6 +202,8 @@ def _start_supervisord(node: Node, config_dir: Path, run_dir: Path, settings: Se
     env = dict(os.environ)
     env[CONFIG_DIR_ENV] = str(config_dir.resolve())
     env[RUN_DIR_ENV] = str(run_dir.resolve())
+    if env.get(DEFAULTS_DIR_ENV):
+        env[DEFAULTS_DIR_ENV] = str(Path(env[DEFAULTS_DIR_ENV]).resolve())
     proc = subprocess.run(
         [sys.executable, "-m", "supervisor.supervisord", "-c", str(node.paths.conf)],
         env=env,
@@ -429,7 +443,7 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--config-dir",
         default=default,
-        help=f"config directory (env {CONFIG_DIR_ENV}; default config/)",
+        help=f"config directory (env {CONFIG_DIR_ENV}; default: the run dir's config/)",
     )
     g.add_argument(
         "--run-dir", default=default, help=f"run directory (env {RUN_DIR_ENV}; default run/)"
