@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.adapters.procmem import pids_with_cmdline, terminate, tree_rss_mb
+from controlplane.adapters.procmem import pids_with_cmdline, terminate, tree_memory_mb
 from controlplane.adapters.supervisord import (
     SupervisorClient,
     SupervisorError,
@@ -229,9 +229,10 @@ class Workers(Lifecycle):
 
     @staticmethod
     def measure(backend: str, pid: int | None, reported: float | None) -> float | None:
-        """A worker's memory: RSS of its process tree for in-process backends, else its report."""
+        """A worker's memory: its process tree's (PSS, else USS) for in-process backends, else
+        what it reports (Ollama's own figure)."""
         if backend in IN_PROCESS_BACKENDS:
-            return tree_rss_mb(pid)
+            return tree_memory_mb(pid)
         return reported
 
     def _await_ready(

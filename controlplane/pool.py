@@ -546,7 +546,8 @@ class ModelPool:
             for rec in self._records.values():
                 if rec.state not in SERVING or rec.fingerprint is None or rec.deleting:
                     continue
-                if rec.fingerprint != wanted_fingerprint(rec.entry, self.settings):
+                moved = rec.entry.port is not None and rec.port != rec.entry.port
+                if moved or rec.fingerprint != wanted_fingerprint(rec.entry, self.settings):
                     rec.reload = True
                     self._begin_unload(rec, Event.UNLOAD_REQUESTED, "config_changed")
                     changed.append(rec.entry.model_id)
@@ -908,6 +909,18 @@ class ModelPool:
                 entry=entry, program=program_name(entry.model_id)
             )
             self._order.append(entry.model_id)
+
+    def replace_entry(self, entry: ModelEntry) -> None:
+        """A registry entry changed: keep the model's state; ``reload_changed`` decides whether
+        its worker must be replaced. A permanent load failure may be retried with the new one."""
+        with self._lock:
+            rec = self._get(entry.model_id)
+            rec.entry = entry
+            if rec.state is State.FAILED and rec.retry_at == math.inf:
+                rec.retry_at = 0.0
+            self._refit_deadlines()
+            self._changed.notify_all()
+        self.on_change()
 
     def mark_deleting(self, model_id: str) -> Record:
         """Hide a model from new requests; unload it if loaded. Conflict while WARMING."""

@@ -287,6 +287,33 @@ class PoolService:
             self._load_in_background(entry.model_id)
         return entry
 
+    def update(self, model_id: str, raw: Any) -> ModelEntry:
+        """Replace a registry entry (validated against the whole registry, then saved).
+
+        A loaded model whose worker no longer serves what the entry says is drained and loaded
+        again by the reaper's next pass (``ModelPool.reload_changed``).
+        """
+        if not isinstance(raw, Mapping):
+            raise InvalidInput("body: expected a registry entry (a JSON object)")
+        data = {"model_id": model_id, **raw}
+        if data["model_id"] != model_id:
+            raise InvalidInput(
+                f"model.model_id: {data['model_id']!r} differs from the path's {model_id!r} "
+                "(an id cannot be changed: delete the model and register the new id)"
+            )
+        try:
+            entry = parse_entry(data, "model")
+            with self._mutate:
+                self.pool.record(model_id)  # UnknownModel (404) before anything is written
+                entries = tuple(entry if e.model_id == model_id else e for e in self.pool.entries())
+                check_registry(entries, self.pool.settings)
+                self.store.save_registry(entries)
+                self.pool.replace_entry(entry)
+        except ConfigError as exc:
+            raise InvalidInput(str(exc)) from None
+        self.reaper.wake()
+        return entry
+
     def delete(self, model_id: str) -> None:
         """Unload (draining) and remove a model; the registry file is saved without it."""
         with self._mutate:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,3 +110,33 @@ def test_an_entry_edited_in_the_file_is_reloaded_after_a_restart(make_stack: Any
     kill_control_plane(s)
     again = s.wait_state("tiny:1b", "HOT", timeout=30)
     assert again["pid"] == after["pid"]
+
+
+def test_an_entry_replaced_through_the_api_is_reloaded_only_when_it_must(make_stack: Any) -> None:
+    s: Stack = make_stack([{"model_id": "tiny:1b", "ttl_minutes": 30}])
+    before = s.load("tiny:1b")
+    registry = s.config_dir / "model_pool_registry.yaml"
+    # A TTL change applies without a reload.
+    r = s.request("PUT", "/models/tiny:1b", {"model_id": "tiny:1b", "ttl_minutes": 20})
+    assert r.status_code == 200, r.text
+    assert r.json()["updated"] == "tiny:1b"
+    assert yaml.safe_load(registry.read_text())["models"][0]["ttl_minutes"] == 20
+    time.sleep(1.5)  # more than one reaper pass: nothing may happen
+    assert s.model("tiny:1b")["pid"] == before["pid"]
+    # Bad input changes nothing.
+    text = registry.read_text()
+    r = s.request("PUT", "/models/tiny:1b", {"model_id": "other:1b"})
+    assert r.status_code == 400 and "differs from the path" in r.json()["error"]["message"]
+    r = s.request("PUT", "/models/tiny:1b", {"options": "x"})
+    assert r.status_code == 400 and "model.options" in r.json()["error"]["message"]
+    assert s.request("PUT", "/models/nope:1b", {"ttl_minutes": 5}).status_code == 404
+    assert registry.read_text() == text
+    # A change of what the worker serves drains and reloads it.
+    r = s.request("PUT", "/models/tiny:1b", {"options": {"num_ctx": 2048}, "ttl_minutes": 20})
+    assert r.status_code == 200, r.text
+    after = wait_until(
+        lambda: (m := s.model("tiny:1b"))["state"] == "HOT" and m["pid"] != before["pid"] and m,
+        timeout=30,
+    )
+    spec = json.loads(next((s.run_dir / "specs").glob("*.json")).read_text())
+    assert spec["options"] == {"num_ctx": 2048} and after["port"] == spec["port"]

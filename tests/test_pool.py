@@ -680,3 +680,17 @@ def test_a_model_whose_entry_changed_is_drained_and_reloaded() -> None:
     pool.stopped("a", gen)
     assert pool.record("a").state is State.WARMING, "loaded again at once"
     assert len(fake.loads) == 2
+
+
+def test_a_new_pinned_port_moves_a_loaded_model() -> None:
+    from controlplane.specs import wanted_fingerprint
+
+    entry = ModelEntry("a")
+    pool, fake, _ = make([entry])
+    hot(pool, fake, "a")
+    rec = pool.record("a")
+    pool.started_with("a", rec.gen, wanted_fingerprint(entry, pool.settings))
+    pool.replace_entry(ModelEntry("a", ttl_minutes=3))
+    assert pool.reload_changed() == []
+    pool.replace_entry(ModelEntry("a", port=(rec.port or 0) + 5))
+    assert pool.reload_changed() == ["a"]

@@ -134,6 +134,13 @@ def get_model(model_id: str) -> Response:
     return jsonify(pool.describe(pool.record(model_id)))
 
 
+@bp.put("/models/<path:model_id>")
+def update(model_id: str) -> Response:
+    entry = service().update(model_id, body(optional=False))
+    pool = service().pool
+    return jsonify({"updated": entry.model_id, "model": pool.describe(pool.record(model_id))})
+
+
 @bp.delete("/models/<path:model_id>")
 def delete(model_id: str) -> Response:
     service().delete(model_id)
