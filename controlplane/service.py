@@ -57,6 +57,10 @@ def port_checker(host: str) -> Callable[[int], bool]:
     return is_free
 
 
+#: The fingerprint given to an adopted worker that must be replaced whatever its entry says.
+OUTDATED = "outdated"
+
+
 def file_mb(path: str) -> float | None:
     """Size of a registry entry's model file in MiB; None if it has none or cannot be read."""
     if not path:
@@ -204,7 +208,12 @@ class PoolService:
             ):
                 entry = saved.get(model_id, {})
                 deadline = entry.get("deadline") if isinstance(entry, dict) else None
-                if self.pool.adopt(model_id, spec.port, info.pid, deadline, spec.fingerprint()):
+                # A worker that does not read the pool's key file (started by an older
+                # version, with the key in its spec) could not follow a key rotation: it is
+                # adopted as outdated, so that it is drained and reloaded.
+                reads_key = spec.api_key_file == str(self.node.paths.api_key_file)
+                fingerprint = spec.fingerprint() if reads_key else OUTDATED
+                if self.pool.adopt(model_id, spec.port, info.pid, deadline, fingerprint):
                     log.info("adopting model=%s program=%s port=%s", model_id, info.name, spec.port)
                     live.add(info.name)
                     continue

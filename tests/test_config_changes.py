@@ -140,3 +140,23 @@ def test_an_entry_replaced_through_the_api_is_reloaded_only_when_it_must(make_st
     )
     spec = json.loads(next((s.run_dir / "specs").glob("*.json")).read_text())
     assert spec["options"] == {"num_ctx": 2048} and after["port"] == spec["port"]
+
+
+def test_a_worker_that_does_not_read_the_key_file_is_replaced_at_adoption(
+    make_stack: Any,
+) -> None:
+    """A worker started by an earlier version (its key fixed in its spec) could not follow a
+    key rotation: a restarted control plane replaces it instead of adopting it as it is."""
+    s: Stack = make_stack([{"model_id": "tiny:1b", "ttl_minutes": 30}])
+    before = s.load("tiny:1b")
+    spec_path = next((s.run_dir / "specs").glob("*.json"))
+    spec = json.loads(spec_path.read_text())
+    spec.update(api_key="old-key", api_key_file="")
+    spec_path.write_text(json.dumps(spec))
+    kill_control_plane(s)
+    after = wait_until(
+        lambda: (m := s.model("tiny:1b"))["state"] == "HOT" and m["pid"] != before["pid"] and m,
+        timeout=30,
+    )
+    assert json.loads(next((s.run_dir / "specs").glob("*.json")).read_text())["api_key_file"]
+    assert after["port"] is not None
