@@ -161,7 +161,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"modelpool is already up for {run_dir} (pid {owner.pid})")
     else:
         try:
-            lock = rundir.RunDirLock.acquire(run_dir, config_dir, settings.control_port)
+            # A moment's wait: another `up` probing the lock at the same instant is not a holder.
+            lock = rundir.RunDirLock.acquire(run_dir, config_dir, settings.control_port, wait=1.0)
         except rundir.RunDirBusy as exc:
             raise CliError(str(exc)) from None
         try:

@@ -96,8 +96,13 @@ class ModelPool:
         self._avoid: dict[int, float] = {}
         #: Models inside one of their warmup schedule windows right now.
         self._scheduled: set[str] = set()
-        #: Callers waiting for a load, in all; at most ``max_waiting_total`` of them.
+        #: Callers waiting for a load, and requests being relayed (between ``begin_request`` and
+        #: ``release``): each holds a thread; together at most ``max_waiting_total``.
         self._waiting = 0
+        self._held = 0
+        #: Generations are unique across the pool: a record deleted and registered again never
+        #: reuses one, so a late report (or release) for the old record matches nothing.
+        self._generations = 0
         self.max_waiting_total = max_waiting_total
 
     # --- reading ------------------------------------------------------------------------------
@@ -228,7 +233,9 @@ class ModelPool:
                 model_id=r.entry.model_id,
                 state=r.state,
                 warmup=r.entry.model_id in warm,
-                in_flight=r.total_in_flight,
+                # Callers waiting for the model are requests about to be in flight: a model
+                # that just became HOT is not expired or evicted before they are counted.
+                in_flight=r.total_in_flight + r.waiters,
                 deadline=r.deadline,
                 grace_until=r.grace_until,
                 last_used=r.last_used,
@@ -313,6 +320,7 @@ class ModelPool:
         is not counted against the new worker.
         """
         with self._lock:
+            self._held = max(0, self._held - 1)  # the thread is free whatever its generation
             rec = self._records.get(model_id)
             if rec is not None and rec.gen == gen and rec.in_flight > 0:
                 rec.in_flight -= 1
@@ -337,6 +345,9 @@ class ModelPool:
                     rec = self._get(model_id)
                     if rec.state in SERVING:
                         if hold:
+                            if queued is None:
+                                self._check_threads(rec)
+                            self._held += 1
                             rec.in_flight += 1
                             self.touch(rec, self.clock())
                         if waited:
@@ -371,6 +382,7 @@ class ModelPool:
                     if queued is not rec:
                         if queued is not None:
                             self._dequeue(queued)  # the model was deleted and registered again
+                            queued = None
                         self._enqueue(rec)
                         queued = rec
                     self._changed.wait(min(remaining, 1.0))
@@ -388,17 +400,27 @@ class ModelPool:
         free that /health, /unload and the rest of the control API always answer.
         """
         cap = self.settings.max_queue_per_model
-        if rec.waiters >= cap or self._waiting >= self.max_waiting_total:
+        if rec.waiters >= cap:
             self.stats.refused(rec.entry.model_id)
-            which = (
-                f"{rec.waiters} requests already wait for it (max_queue_per_model {cap})"
-                if rec.waiters >= cap
-                else f"{self._waiting} requests already wait for models "
-                f"(at most {self.max_waiting_total} in all)"
+            raise NoCapacity(
+                f"model {rec.entry.model_id!r} is loading and {rec.waiters} requests already "
+                f"wait for it (max_queue_per_model {cap})",
+                retry_after=5,
             )
-            raise NoCapacity(f"model {rec.entry.model_id!r} is loading and {which}", retry_after=5)
+        self._check_threads(rec)
         rec.waiters += 1
         self._waiting += 1
+
+    def _check_threads(self, rec: Record) -> None:
+        """Refuse a request (lock held) when waiters and relayed requests, which each hold one
+        of the control plane's threads, already take ``max_waiting_total`` of them."""
+        if self._waiting + self._held >= self.max_waiting_total:
+            self.stats.refused(rec.entry.model_id)
+            raise NoCapacity(
+                f"the control plane is busy: {self._waiting} requests wait for a load and "
+                f"{self._held} are being relayed (at most {self.max_waiting_total} in all)",
+                retry_after=2,
+            )
 
     def _dequeue(self, rec: Record) -> None:
         rec.waiters -= 1
@@ -450,7 +472,8 @@ class ModelPool:
 
     def _new_generation(self, rec: Record) -> None:
         """A new load (lock held): counts of the previous worker's requests no longer apply."""
-        rec.gen += 1
+        self._generations += 1
+        rec.gen = self._generations
         rec.in_flight = 0
 
     def _start_load(self, rec: Record, adopt: bool) -> None:
@@ -466,9 +489,12 @@ class ModelPool:
             self._apply(rec, Event.LOAD_FAILED, "start_error")
 
     def _estimate(self, rec: Record) -> float:
+        """What a load of ``rec`` will need: the estimate, or what it measured last if more
+        (so a model that alone exceeds the limit is refused instead of loaded and evicted)."""
         e = rec.entry
         file_mb = self.file_mb(e.model_path) if e.backend in IN_PROCESS_BACKENDS else None
-        return policy.estimate_mb(e.memory_mb, file_mb, self.settings.default_memory_mb)
+        estimate = policy.estimate_mb(e.memory_mb, file_mb, self.settings.default_memory_mb)
+        return max(estimate, rec.last_measured_mb or 0.0)
 
     def enforce_memory_limit(self) -> list[str]:
         """Evict idle non-warmup models (LRU) while the measured total is over the limit."""
@@ -576,6 +602,8 @@ class ModelPool:
                 return
             now = self.clock()
             rec.measured_mb = memory_mb
+            if memory_mb is not None:
+                rec.last_measured_mb = memory_mb
             rec.pid = pid
             rec.loaded_at = now
             rec.last_used = now
@@ -719,6 +747,15 @@ class ModelPool:
         rec.reload = False
         if self.draining or not self._available:
             return  # the next request or warmup pass loads it
+        plan = policy.plan_capacity(
+            self._views(),
+            rec.entry.model_id,
+            self._estimate(rec),
+            self.settings.max_concurrent_models,
+            self.settings.memory_limit_mb,
+        )
+        if not plan.ok:
+            return  # no eviction for a reload nobody asked for: the next request loads it
         try:
             self._try_start(rec, manual=True)
         except (NoCapacity, LoadFailed, BackendDown) as exc:
@@ -822,7 +859,7 @@ class ModelPool:
             rec.worker_requests = requests
             rec.worker_in_flight = in_flight
             if memory_mb is not None:
-                rec.measured_mb = memory_mb
+                rec.measured_mb = rec.last_measured_mb = memory_mb
             if active:
                 self.touch(rec, max(last_at or 0.0, self.clock() if in_flight else 0.0))
 

@@ -58,6 +58,8 @@ class Record:
     requests_base: int = 0
     worker_requests: int = 0
     measured_mb: float | None = None
+    #: The last measurement of any earlier worker: a reload is expected to need as much.
+    last_measured_mb: float | None = None
     #: Memory expected before the worker is measured (set when a load starts).
     estimate_mb: float | None = None
     last_error: str | None = None

@@ -174,9 +174,10 @@ class PoolService:
         Tasks first: what they report still reaches the state file, which the reaper (its only
         writer) saves as it ends.
         """
+        # Bounded well below gunicorn's graceful_timeout (10 s), after which the process dies.
         self.workers.stopping.set()
-        self.workers.join(5)
-        self.reaper.stop()
+        self.workers.join(2)
+        self.reaper.stop(timeout=5)
         if self.announcer is not None:
             self.announcer.stop()
 

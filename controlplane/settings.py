@@ -460,6 +460,10 @@ def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
         if not isinstance(opts, Mapping) or not all(isinstance(x, str) for x in opts):
             raise ConfigError(f"{k('options')}: {opts!r} is not a mapping of option names")
         _finite(k("options"), opts)
+        try:
+            json.dumps(opts, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{k('options')}: not plain JSON data ({exc})") from None
         values["options"] = dict(opts)
     if raw.get("schedule") is not None:
         windows = raw["schedule"]

@@ -161,8 +161,18 @@ def create_app(
 
     @app.before_request
     def require_key() -> Response | None:
+        if not request.path.startswith("/v1/"):
+            return None
         key = keys.get()
-        if not key or not request.path.startswith("/v1/"):
+        if key is None:
+            return error_response(
+                f"this worker cannot read its API key file {spec.api_key_file}",
+                503,
+                "server_error",
+                "key_unavailable",
+                retry_after=5,
+            )
+        if not key:
             return None
         if bearer_ok(request.headers.get("Authorization"), key):
             return None

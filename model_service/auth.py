@@ -27,11 +27,14 @@ class KeySource:
 
     def __init__(self, path: str = "", fixed: str = "") -> None:
         self.path = path
-        self._key = fixed
+        #: None until the key file was read once: a worker that cannot read it refuses
+        #: requests rather than serve them without a key.
+        self._key: str | None = None if path else fixed
         self._seen: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
 
-    def get(self) -> str:
+    def get(self) -> str | None:
+        """The key in force ("" = no auth), or None if the key file was never readable."""
         if not self.path:
             return self._key
         try:

@@ -694,3 +694,64 @@ def test_a_new_pinned_port_moves_a_loaded_model() -> None:
     assert pool.reload_changed() == []
     pool.replace_entry(ModelEntry("a", port=(rec.port or 0) + 5))
     assert pool.reload_changed() == ["a"]
+
+
+def test_a_model_that_alone_exceeds_the_limit_is_refused_once_measured() -> None:
+    """Regression: admitted on its estimate, evicted on its measurement, admitted again on the
+    estimate at the next request: a load per request."""
+    pool, fake, _ = make([ModelEntry("big", memory_mb=500)], memory_limit_mb=1000)
+    hot(pool, fake, "big")
+    rec = pool.record("big")
+    pool.observe_worker("big", rec.gen, 0, 0, None, 1500.0)
+    assert pool.enforce_memory_limit() == ["big"]
+    pool.stopped("big", rec.gen)
+    with pytest.raises(NoCapacity, match="needs 1500 MB"):
+        pool.ensure_loaded("big", wait=False)
+    assert len(fake.loads) == 1
+
+
+def test_a_model_with_waiters_is_not_evicted_before_they_are_counted() -> None:
+    pool, _, _ = make([ModelEntry("a", memory_mb=100)], memory_limit_mb=150)
+    pool.ensure_loaded("a", wait=False)
+    t = threading.Thread(target=lambda: pool.release("a", pool.begin_request("a", 5).gen))
+    with pool._lock:  # the waiter is counted but has not run since the model became HOT
+        t.start()
+        pool._changed.wait_for(lambda: pool._records["a"].waiters == 1, 5)
+        rec = pool._records["a"]
+        rec.state, rec.measured_mb = State.HOT, 200.0
+        assert policy.evict_over_limit(pool._views(), 150) == ()
+    t.join(5)
+
+
+def test_generations_are_not_reused_by_a_model_registered_again() -> None:
+    """Regression: a new record started at generation 0 again, so a late release of the
+    deleted model's request decremented the new model's count."""
+    pool, fake, _ = make([ModelEntry("a")])
+    hot(pool, fake, "a")
+    old = pool.begin_request("a")
+    pool.mark_deleting("a")
+    pool.stopped("a", fake.stops[-1][1])
+    pool.add_entry(ModelEntry("a"))
+    hot(pool, fake, "a")
+    new = pool.begin_request("a")
+    assert new.gen != old.gen
+    pool.release("a", old.gen)
+    assert pool.record("a").in_flight == 1
+
+
+def test_relayed_requests_and_waiters_share_one_thread_budget() -> None:
+    """Streams hold a thread each too: with the budget taken, a request is refused at once
+    rather than queued behind them (the control API keeps its reserved threads)."""
+    pool, fake, _ = make([ModelEntry("a"), ModelEntry("b")])
+    pool.max_waiting_total = 2
+    hot(pool, fake, "a")
+    first, second = pool.begin_request("a"), pool.begin_request("a")
+    with pytest.raises(NoCapacity, match="2 are being relayed"):
+        pool.begin_request("a")
+    with pytest.raises(NoCapacity, match="busy"):
+        pool.ensure_loaded("b", timeout=1)  # a waiter would need a thread too
+    pool.release("a", first.gen)
+    third = pool.begin_request("a")
+    for r in (second, third):
+        pool.release("a", r.gen)
+    assert pool._held == 0 and pool.record("a").in_flight == 0

@@ -199,3 +199,11 @@ def test_shipped_config_is_valid() -> None:
     settings, entries = ConfigStore(root / "config").load()
     assert settings.control_port == 8050
     assert {"qwen2.5-coder:7b", "llama3.1:8b"} <= {e.model_id for e in entries}
+
+
+def test_options_must_be_plain_json() -> None:
+    """Options travel to the worker as JSON and are fingerprinted: a YAML date is refused."""
+    import datetime
+
+    with pytest.raises(ConfigError, match=r"model\.options: not plain JSON"):
+        parse_entry({"model_id": "m", "options": {"since": datetime.date(2026, 1, 1)}})
