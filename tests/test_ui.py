@@ -2,7 +2,9 @@
 
 The browser is Debian's chromium (/usr/bin/chromium, or $CHROMIUM) driven by Playwright's Python
 package; no browser is downloaded. Waits use Playwright's ``expect`` with timeouts, never sleeps.
-The screenshot test writes docs/ui.png (1280x800).
+The screenshot test writes its picture (1280x800) to a temporary file, or to the path in
+MODELPOOL_SCREENSHOT: `MODELPOOL_SCREENSHOT=docs/ui.png bin/test tests/test_ui.py -k screenshot`
+refreshes the README's picture (a test run never changes a tracked file by itself).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import requests
 from playwright.sync_api import Browser, Locator, Page, ViewportSize, expect, sync_playwright
 
 from tests.ollama_standin import OllamaStandin
-from tests.stack import ROOT, Stack, wait_until
+from tests.stack import Stack, wait_until
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -33,7 +35,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
-SCREENSHOT = ROOT / "docs" / "ui.png"
 #: Seconds the stand-in holds a load so that WARMING is on screen long enough to be seen.
 WARMING_HOLD = 10.0
 
@@ -300,8 +301,10 @@ def test_register_form_shows_the_servers_message(page: Page, stack: Stack) -> No
 
 
 def test_screenshot_of_models_in_every_state(
-    page: Page, stack: Stack, standin: OllamaStandin
+    page: Page, stack: Stack, standin: OllamaStandin, tmp_path: Path
 ) -> None:
+    wanted = os.environ.get("MODELPOOL_SCREENSHOT")
+    screenshot = Path(wanted).resolve() if wanted else tmp_path / "ui.png"
     # HOT with traffic, HOT for good (warmup), FAILED, WARMING, and COLD models.
     hot = stack.load("qwen2.5-coder:7b")
     for _ in range(3):
@@ -326,11 +329,11 @@ def test_screenshot_of_models_in_every_state(
     expect(page.locator("#pool-models-sub")).to_contain_text("1 warming", timeout=5_000)
     page.evaluate("document.querySelector('#message').hidden = true")  # a steady picture
     page.mouse.move(0, 0)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
     # Written here rather than by Playwright (whose file writes run on an executor thread).
-    SCREENSHOT.write_bytes(page.screenshot(animations="disabled"))
+    screenshot.write_bytes(page.screenshot(animations="disabled"))
     assert state_cell(page, "mistral:7b").inner_text() == "WARMING"
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert screenshot.stat().st_size > 10_000
     for model_id in ("tiny:1b", "library/llama3.1:8b"):
         assert state_cell(page, model_id).inner_text() == "COLD"
     # Leave the stack settled: the held load finishes within WARMING_HOLD.
