@@ -11,7 +11,13 @@ from model_service.spec import WorkerSpec
 
 
 def build_spec(entry: ModelEntry, settings: Settings, port: int, api_key_file: str) -> WorkerSpec:
-    """The spec of a worker for ``entry`` on ``port``; the API key travels in its own file."""
+    """The spec of a worker for ``entry`` on ``port``; the API key travels in its own file.
+
+    A llama.cpp entry of ``model_type: embedding`` is loaded in embedding mode.
+    """
+    options = dict(entry.options)
+    if entry.backend == "llamacpp" and entry.model_type == "embedding":
+        options.setdefault("embedding", True)
     return WorkerSpec(
         model_id=entry.model_id,
         port=port,
@@ -21,7 +27,7 @@ def build_spec(entry: ModelEntry, settings: Settings, port: int, api_key_file: s
         upstream_model=entry.upstream_model,
         model_path=resolve_model_path(entry.model_path),
         memory_mb=entry.memory_mb,
-        options=dict(entry.options),
+        options=options,
         load_timeout_seconds=settings.load_timeout_seconds,
         api_key_file=api_key_file,
     )

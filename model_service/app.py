@@ -19,7 +19,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
-from model_service import jsonbody
+from model_service import jsonbody, params
 from model_service.auth import KeySource, bearer_ok
 from model_service.backends import make_backend
 from model_service.backends.base import Backend, BackendError, Result
@@ -218,12 +218,7 @@ def create_app(
 
     @app.post("/v1/embeddings")
     def embeddings() -> Response:
-        return error_response(
-            f"the {spec.backend} backend does not serve embeddings",
-            404,
-            "invalid_request_error",
-            "unsupported",
-        )
+        return _serve("embeddings")
 
     def _serve(kind: str) -> Response:
         try:
@@ -233,6 +228,11 @@ def create_app(
         problem = _validate(kind, body, spec.model_id)
         if problem is not None:
             return problem
+        supports: frozenset[str] | None = getattr(state.backend, "supports", None)
+        if supports is not None:  # None: a pass-through backend, its upstream decides
+            message = params.unsupported(kind, body, supports)
+            if message is not None:
+                return _bad(message)
         if not state.ready.wait(spec.load_timeout_seconds):
             return error_response(
                 "model is still loading", 503, "server_error", "model_loading", retry_after=5
@@ -242,12 +242,14 @@ def create_app(
                 f"model failed to load: {state.error}", 503, "server_error", "load_failed", 30
             )
         direct = request.headers.get(VIA_HEADER) != "frontdoor"
-        endpoint = "chat" if kind == "chat" else "completions"
+        endpoint = kind
         started = time.perf_counter()
         state.begin(direct)
         try:
             if kind == "chat":
                 result = state.backend.chat_completions(body)
+            elif kind == "embeddings":
+                result = state.backend.embeddings(body)
             else:
                 result = state.backend.completions(body)
         except BackendError as exc:
@@ -301,6 +303,9 @@ class _Unavailable:
     def completions(self, body: dict[str, Any]) -> Result:
         raise self.error
 
+    def embeddings(self, body: dict[str, Any]) -> Result:
+        raise self.error
+
 
 def _validate(kind: str, body: dict[str, Any], model_id: str) -> Response | None:
     model = body.get("model")
@@ -320,6 +325,13 @@ def _validate(kind: str, body: dict[str, Any], model_id: str) -> Response | None
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 return _bad(f"messages[{i}]: expected an object with a role")
+    elif kind == "embeddings":
+        inputs = body.get("input")
+        if not (
+            (isinstance(inputs, str) and inputs)
+            or (isinstance(inputs, list) and inputs and all(isinstance(t, str) for t in inputs))
+        ):
+            return _bad("input: expected a string or a non-empty list of strings")
     else:
         prompt = body.get("prompt")
         if not (

@@ -37,6 +37,8 @@ from types import TracebackType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from tests import standin_model
+
 DEFAULT_MODELS: dict[str, int] = {
     "qwen2.5-coder:7b": 4_700_000_000,
     "llama3.1:8b": 4_900_000_000,
@@ -326,6 +328,8 @@ class OllamaStandin:
             ("GET", "/api/ps"): self._ps,
             ("POST", "/api/generate"): lambda h, b: self._native(h, b, chat=False),
             ("POST", "/api/chat"): lambda h, b: self._native(h, b, chat=True),
+            ("POST", "/api/embed"): self._embed,
+            ("POST", "/v1/embeddings"): self._v1_embeddings,
             ("GET", "/v1/models"): self._v1_models,
             ("POST", "/v1/chat/completions"): lambda h, b: self._openai(h, b, chat=True),
             ("POST", "/v1/completions"): lambda h, b: self._openai(h, b, chat=False),
@@ -580,10 +584,16 @@ class OllamaStandin:
         if name not in self.models:
             raise _HTTPError(404, f"model '{body['model']}' not found")
         head: dict[str, Any] = {"model": name, "created_at": _iso()}
+        reply, call = self._behave(body, body.get("messages") if chat else None)
+        if call is not None:
+            tool_calls = [{"function": {"name": call[0], "arguments": call[1]}}]
 
-        def answer(text: str) -> dict[str, Any]:
+        def answer(text: str, final: bool = False) -> dict[str, Any]:
             if chat:
-                return {"message": {"role": "assistant", "content": text}}
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if call is not None and final:
+                    message["tool_calls"] = tool_calls
+                return {"message": message}
             return {"response": text}
 
         if empty:  # no prompt: only load or unload, answered with one object
@@ -595,7 +605,9 @@ class OllamaStandin:
             reason = "unload" if keep_alive == 0 else "load"
             h.send_json(200, {**head, **answer(""), "done": True, "done_reason": reason})
             return
-        pieces, reason = plan_reply(self.reply, options.get("num_predict"), options.get("stop"))
+        pieces, reason = plan_reply(reply, options.get("num_predict"), options.get("stop"))
+        if call is not None:
+            pieces, reason = [], "stop"
         started = time.monotonic()
         entry, load_ns = self._acquire(name, options)
         try:
@@ -606,14 +618,14 @@ class OllamaStandin:
                 return {
                     **head,
                     "created_at": _iso(),
-                    **answer(text),
+                    **answer(text, final=True),
                     "done": True,
                     "done_reason": reason,
                     "total_duration": int((now - started) * 1e9),
                     "load_duration": load_ns,
                     "prompt_eval_count": prompt_tokens,
                     "prompt_eval_duration": 1000 * prompt_tokens,
-                    "eval_count": len(pieces),
+                    "eval_count": len(pieces) if call is None else 5,
                     "eval_duration": int((now - eval_started) * 1e9),
                 }
 
@@ -630,6 +642,76 @@ class OllamaStandin:
             h.end_chunked()
         finally:
             self._release(name, entry, keep_alive)
+
+    def _behave(self, body: dict[str, Any], messages: Any) -> tuple[str, Any]:
+        """The reply text and the tool call (or None) for a request, as the model decides."""
+        call = standin_model.tool_call(body.get("tools"), messages)
+        reply = standin_model.tool_result_reply(messages) or self.reply
+        seen = standin_model.images_seen(messages)
+        if seen:
+            reply = f"I see {seen} image{'s' if seen > 1 else ''}. {reply}"
+        fmt = body.get("format")
+        rf = body.get("response_format")
+        if isinstance(rf, dict) and rf.get("type") == "json_object":
+            fmt = "json"
+        elif isinstance(rf, dict) and rf.get("type") == "json_schema":
+            fmt = (rf.get("json_schema") or {}).get("schema") or "json"
+        if fmt:
+            reply = standin_model.json_reply(fmt, reply)
+        return reply, call
+
+    def _embed_inputs(self, body: dict[str, Any]) -> tuple[str, list[str], int | None]:
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            raise _HTTPError(400, "model is required")
+        if _full_name(name) not in self.models:
+            raise _HTTPError(404, f"model '{name}' not found")
+        raw = body.get("input")
+        inputs = [raw] if isinstance(raw, str) else raw
+        if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+            raise _HTTPError(400, "input must be a string or a list of strings")
+        dims = body.get("dimensions")
+        if dims is not None and (not isinstance(dims, int) or dims < 1):
+            raise _HTTPError(400, "dimensions must be a positive integer")
+        return _full_name(name), inputs, dims
+
+    def _embed(self, h: _Handler, body: dict[str, Any]) -> None:
+        name, inputs, dims = self._embed_inputs(body)
+        entry, load_ns = self._acquire(name, body.get("options") or {})
+        try:
+            h.send_json(
+                200,
+                {
+                    "model": name,
+                    "embeddings": [standin_model.embedding(t, dims) for t in inputs],
+                    "total_duration": 1000,
+                    "load_duration": load_ns,
+                    "prompt_eval_count": sum(count_words(t) for t in inputs),
+                },
+            )
+        finally:
+            self._release(name, entry, parse_keep_alive(body.get("keep_alive")))
+
+    def _v1_embeddings(self, h: _Handler, body: dict[str, Any]) -> None:
+        name, inputs, dims = self._embed_inputs(body)
+        entry, _ = self._acquire(name, {})
+        try:
+            tokens = sum(count_words(t) for t in inputs)
+            data = [
+                {"object": "embedding", "index": i, "embedding": standin_model.embedding(t, dims)}
+                for i, t in enumerate(inputs)
+            ]
+            h.send_json(
+                200,
+                {
+                    "object": "list",
+                    "data": data,
+                    "model": body["model"],
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                },
+            )
+        finally:
+            self._release(name, entry, None)
 
     def _openai(self, h: _Handler, body: dict[str, Any], *, chat: bool) -> None:
         name = body.get("model")
@@ -648,7 +730,12 @@ class OllamaStandin:
         if _full_name(name) not in self.models:
             raise _HTTPError(404, f"model '{name}' not found")
         name = _full_name(name)
-        pieces, reason = plan_reply(self.reply, max_tokens, body.get("stop"))
+        reply, call = self._behave(body, body.get("messages") if chat else None)
+        pieces, reason = plan_reply(reply, max_tokens, body.get("stop"))
+        if call is not None:
+            pieces, reason = [], "tool_calls"
+            arguments = json.dumps(call[1])
+            call_id = "call_" + uuid.uuid4().hex[:8]
         entry, _ = self._acquire(name, {})  # /v1 passes no runner options
         try:
             base = {
@@ -668,11 +755,17 @@ class OllamaStandin:
                 if not chat:
                     return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
                 key = "delta" if delta else "message"
-                return {
-                    "index": 0,
-                    key: {"role": "assistant", "content": text},
-                    "finish_reason": finish,
-                }
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if call is not None and not delta:
+                    message["content"] = None
+                    message["tool_calls"] = [
+                        {
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": call[0], "arguments": arguments},
+                        }
+                    ]
+                return {"index": 0, key: message, "finish_reason": finish}
 
             if not body.get("stream"):
                 text = "".join(self._paced(pieces))
@@ -683,6 +776,20 @@ class OllamaStandin:
             if chat:
                 base["object"] = "chat.completion.chunk"
             h.start_chunked("text/event-stream")
+            if call is not None:  # a tool call streams as its head, then argument fragments
+                head_delta = {
+                    "index": 0,
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": call[0], "arguments": ""},
+                }
+                fragments = [arguments[i : i + 7] for i in range(0, len(arguments), 7)]
+                deltas = [head_delta] + [
+                    {"index": 0, "function": {"arguments": f}} for f in fragments
+                ]
+                for d in deltas:
+                    chunk = {"index": 0, "delta": {"tool_calls": [d]}, "finish_reason": None}
+                    h.write_chunk(_sse({**base, "choices": [chunk]}))
             for piece in self._paced(pieces):
                 h.write_chunk(_sse({**base, "choices": [choice(piece, None, delta=True)]}))
             h.write_chunk(_sse({**base, "choices": [choice("", reason, delta=True)]}))

@@ -8,8 +8,10 @@ HTTP backends.
 
 from __future__ import annotations
 
+import base64
 import importlib
 import json
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -28,6 +30,29 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 def sse_error(message: str, *, type: str = "backend_error", code: str = "backend_error") -> bytes:
     """An error event in the OpenAI shape, for failures after a stream's headers went out."""
     return sse_event({"error": {"message": message, "type": type, "code": code}})
+
+
+def embedding_answer(
+    vectors: list[Any], model: str, tokens: int, body: dict[str, Any]
+) -> dict[str, Any]:
+    """An OpenAI ``/v1/embeddings`` answer; ``encoding_format: base64`` packs each vector as
+    little-endian float32 (what the openai SDK asks for by default)."""
+    b64 = body.get("encoding_format") == "base64"
+
+    def encode(vector: list[float]) -> Any:
+        if not b64:
+            return vector
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode(v)}
+            for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 class ClosingStream(Iterator[bytes]):

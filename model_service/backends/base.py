@@ -79,3 +79,6 @@ class Backend(Protocol):
 
     def completions(self, body: dict[str, Any]) -> Result:
         """Serve an OpenAI ``/v1/completions`` request."""
+
+    def embeddings(self, body: dict[str, Any]) -> Result:
+        """Serve an OpenAI ``/v1/embeddings`` request (400 if the model does not embed)."""

@@ -8,6 +8,7 @@ threads stay responsive while a request generates.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -18,7 +19,13 @@ from typing import Any, Final
 
 import llama_cpp
 
-from model_service.backends import SSE_DONE, ClosingStream, sse_error, sse_event
+from model_service.backends import (
+    SSE_DONE,
+    ClosingStream,
+    embedding_answer,
+    sse_error,
+    sse_event,
+)
 from model_service.backends.base import BackendError, Result
 from model_service.spec import WorkerSpec
 
@@ -33,7 +40,12 @@ LLAMA_OPTIONS: Final[dict[str, type]] = {
     "use_mmap": bool,
     "use_mlock": bool,
     "rope_freq_base": float,
+    "embedding": bool,
 }
+#: llama-cpp-python chat formats that call tools (``options.chat_format``).
+TOOL_FORMATS: Final = frozenset(
+    {"chatml-function-calling", "functionary", "functionary-v1", "functionary-v2"}
+)
 #: Options of the worker itself.
 WORKER_OPTIONS: Final[dict[str, type]] = {"max_queue": int, "queue_timeout": float}
 DEFAULTS: Final[dict[str, Any]] = {
@@ -94,10 +106,47 @@ def _busy(message: str, retry_after: int = 2) -> BackendError:
     )
 
 
+def _openai_tool_deltas(delta: Any, named: set[int]) -> None:
+    """Make llama-cpp-python's tool-call deltas OpenAI's: id, type and name in a call's first
+    delta only (it repeats them in every one, and clients concatenate what they get), and no
+    legacy ``function_call`` beside ``tool_calls``."""
+    if not isinstance(delta, dict) or not delta.get("tool_calls"):
+        return
+    delta.pop("function_call", None)
+    for call in delta["tool_calls"]:
+        index = call.get("index", 0)
+        if index in named:
+            call.pop("id", None)
+            call.pop("type", None)
+            if isinstance(call.get("function"), dict):
+                call["function"].pop("name", None)
+        else:
+            named.add(index)
+
+
+def _pooled(vector: list[Any]) -> list[float]:
+    """One vector per input: a model without a pooling type gives one per token, which are
+    averaged (and the mean scaled to unit length, as pooled embeddings are)."""
+    if not vector or not isinstance(vector[0], list):
+        return vector
+    n = len(vector)
+    mean = [sum(col) / n for col in zip(*vector, strict=True)]
+    norm = math.sqrt(sum(x * x for x in mean)) or 1.0
+    return [x / norm for x in mean]
+
+
 class LlamaCppBackend:
     """A GGUF model in this process, one generation at a time, with a bounded queue."""
 
     name = "llamacpp"
+    #: The OpenAI parameters this backend honours (see model_service.params).
+    supports: frozenset[str] = frozenset(
+        {
+            "stream", "stream_options", "temperature", "top_p", "stop", "max_tokens",
+            "max_completion_tokens", "presence_penalty", "frequency_penalty", "seed", "tools",
+            "tool_choice", "response_format", "encoding_format",
+        }
+    )  # fmt: skip
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -168,7 +217,9 @@ class LlamaCppBackend:
         return None
 
     def chat_completions(self, body: dict[str, Any]) -> Result:
+        self._generative()
         params = self._params(body)
+        params.update(self._chat_params(body))
         messages = body["messages"]
         return self._run(
             body,
@@ -179,6 +230,10 @@ class LlamaCppBackend:
         )
 
     def completions(self, body: dict[str, Any]) -> Result:
+        self._generative()
+        if body.get("tools") is not None or body.get("response_format") is not None:
+            key = "tools" if body.get("tools") is not None else "response_format"
+            raise _invalid(f"{key}: only /v1/chat/completions takes it")
         prompt = body["prompt"]
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -193,7 +248,56 @@ class LlamaCppBackend:
             chat=False,
         )
 
+    def embeddings(self, body: dict[str, Any]) -> Result:
+        if not self.options.get("embedding"):
+            raise _invalid(
+                f"model {self.spec.model_id!r} does not embed: register it with "
+                "model_type: embedding (or options.embedding: true)"
+            )
+        inputs = body["input"]
+        self._acquire()
+        try:
+            llm = self.llm
+            if llm is None:
+                raise BackendError("the model is not loaded", status=503, retry_after=5)
+            out = llm.create_embedding(input=inputs)
+        finally:
+            self._release()
+        vectors = [_pooled(item["embedding"]) for item in out["data"]]
+        tokens = int((out.get("usage") or {}).get("prompt_tokens") or 0)
+        return Result(json=embedding_answer(vectors, self.spec.model_id, tokens, body))
+
     # --- internals ----------------------------------------------------------------------------
+
+    def _generative(self) -> None:
+        if self.options.get("embedding"):
+            raise _invalid(
+                f"model {self.spec.model_id!r} is an embedding model: use /v1/embeddings"
+            )
+
+    def _chat_params(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Tools and JSON output, as llama-cpp-python's chat handlers take them."""
+        params: dict[str, Any] = {}
+        if body.get("tools") is not None:
+            fmt = self.options.get("chat_format")
+            if fmt not in TOOL_FORMATS:
+                raise _invalid(
+                    f"tools: model {self.spec.model_id!r} has chat format {fmt or 'from its GGUF'}"
+                    f", which does not call tools; register it with options.chat_format: "
+                    "chatml-function-calling (or a functionary format)"
+                )
+            params["tools"] = body["tools"]
+            if body.get("tool_choice") is not None:
+                params["tool_choice"] = body["tool_choice"]
+        rf = body.get("response_format")
+        if isinstance(rf, dict) and rf.get("type") == "json_object":
+            params["response_format"] = {"type": "json_object"}
+        elif isinstance(rf, dict) and rf.get("type") == "json_schema":
+            schema = (rf.get("json_schema") or {}).get("schema")
+            params["response_format"] = {"type": "json_object", "schema": schema}
+        elif rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+            raise _invalid(f"response_format: {rf!r} is not text, json_object or json_schema")
+        return params
 
     def _params(self, body: dict[str, Any]) -> dict[str, Any]:
         params: dict[str, Any] = {}
@@ -208,8 +312,11 @@ class LlamaCppBackend:
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise _invalid(f"{key}: {value!r} is not a number")
                 params[key] = kind(value)
-        if body.get("max_tokens") is not None:
-            params["max_tokens"] = int(body["max_tokens"])
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+                raise _invalid(f"max_tokens: {max_tokens!r} is not a positive integer")
+            params["max_tokens"] = max_tokens
         if body.get("seed") is not None:
             if isinstance(body["seed"], bool) or not isinstance(body["seed"], int):
                 raise _invalid(f"seed: {body['seed']!r} is not an integer")
@@ -245,7 +352,7 @@ class LlamaCppBackend:
             self._release()
             raise BackendError("the model is not loaded", status=503, retry_after=5)
         stream = bool(body.get("stream"))
-        max_tokens = body.get("max_tokens")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         cap = TokenCap(max_tokens if isinstance(max_tokens, int) else None, llm.token_eos())
         try:
             out = call(llm, stream, llama_cpp.LogitsProcessorList([cap]))
@@ -289,12 +396,14 @@ class LlamaCppBackend:
         created = int(time.time())
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         finish: str | None = None
+        named: set[int] = set()
         try:
             for chunk in chunks:
                 chunk["model"] = self.spec.model_id
                 chunk["id"] = ident
                 chunk.setdefault("created", created)
                 for choice in chunk.get("choices") or []:
+                    _openai_tool_deltas(choice.get("delta"), named)
                     if choice.get("finish_reason"):
                         if cap.forced:
                             choice["finish_reason"] = "length"

@@ -19,7 +19,13 @@ from typing import Any, Final
 import requests
 from requests.adapters import HTTPAdapter
 
-from model_service.backends import SSE_DONE, ClosingStream, sse_error, sse_event
+from model_service.backends import (
+    SSE_DONE,
+    ClosingStream,
+    embedding_answer,
+    sse_error,
+    sse_event,
+)
 from model_service.backends.base import BackendError, BackendUnavailable, Result
 from model_service.spec import WorkerSpec
 
@@ -98,17 +104,55 @@ def _wants_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
+def _native_tool_calls(calls: Any, where: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """An assistant message's OpenAI ``tool_calls`` as Ollama's (arguments as an object), and
+    the function name of each call id (Ollama names a tool result by its function)."""
+    if not isinstance(calls, list):
+        raise _invalid(f"{where}: must be a list of tool calls")
+    out: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _invalid(f"{where}[{k}].function: must be an object with a name")
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise _invalid(f"{where}[{k}].function.arguments: not valid JSON") from None
+        if not isinstance(args, dict):
+            raise _invalid(f"{where}[{k}].function.arguments: must be a JSON object")
+        out.append({"function": {"name": fn["name"], "arguments": args}})
+        if isinstance(call.get("id"), str):
+            names[call["id"]] = fn["name"]
+    return out, names
+
+
 def _chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """OpenAI chat messages as Ollama takes them: text content, images as base64."""
+    """OpenAI chat messages as Ollama takes them: text content, images as base64, tool calls
+    with arguments as objects, tool results named by their function."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages: must be a non-empty list of message objects")
     out: list[dict[str, Any]] = []
+    call_names: dict[str, str] = {}
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _invalid(f"messages[{i}]: must be an object, got {type(message).__name__}")
         content = message.get("content")
         translated: dict[str, Any] = {"role": message.get("role"), "content": ""}
+        if message.get("tool_calls") is not None:
+            calls, names = _native_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
+            translated["tool_calls"] = calls
+            call_names.update(names)
+        if message.get("role") == "tool":
+            call_id = message.get("tool_call_id")
+            name = message.get("name") or call_names.get(
+                call_id if isinstance(call_id, str) else ""
+            )
+            if isinstance(name, str):
+                translated["tool_name"] = name
         if isinstance(content, str):
             translated["content"] = content
         elif isinstance(content, list):
@@ -137,6 +181,48 @@ def _chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _openai_tool_calls(calls: Any) -> list[dict[str, Any]]:
+    """Ollama's ``message.tool_calls`` in the OpenAI shape (arguments as a JSON string)."""
+    out: list[dict[str, Any]] = []
+    for call in calls if isinstance(calls, list) else []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            continue
+        args = fn.get("arguments")
+        out.append(
+            {
+                "id": call.get("id") or "call_" + uuid.uuid4().hex[:24],
+                "type": "function",
+                "function": {
+                    "name": str(fn.get("name") or ""),
+                    "arguments": args if isinstance(args, str) else json.dumps(args or {}),
+                },
+            }
+        )
+    return out
+
+
+def _tools(body: dict[str, Any]) -> list[Any] | None:
+    """The tools to offer Ollama: none for ``tool_choice: "none"``; Ollama cannot be made to
+    call one (``required``, a named function), so those are a 400 rather than a hope."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and t.get("type") == "function" for t in tools
+    ):
+        raise _invalid("tools: must be a list of {type: function, function: {...}} objects")
+    if choice == "none":
+        return None
+    if choice not in (None, "auto"):
+        raise _invalid(
+            f"tool_choice: {choice!r} is not supported by the ollama backend (Ollama cannot be "
+            'made to call a tool; use "auto" or "none")'
+        )
+    return tools
+
+
 def _response_format(body: dict[str, Any]) -> Any:
     """OpenAI ``response_format`` as Ollama's ``format`` ("json" or a JSON schema), or None."""
     spec = body.get("response_format")
@@ -150,6 +236,25 @@ def _response_format(body: dict[str, Any]) -> Any:
     return None
 
 
+def _tool_call_deltas(head: dict[str, Any], index: int, call: dict[str, Any]) -> Iterator[bytes]:
+    """One tool call as OpenAI streams it: its id and name, then its arguments."""
+
+    def event(delta: dict[str, Any]) -> bytes:
+        choice = {"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}
+        return sse_event({**head, "choices": [choice]})
+
+    fn = call["function"]
+    yield event(
+        {
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": fn["name"], "arguments": ""},
+        }
+    )
+    yield event({"index": index, "function": {"arguments": fn["arguments"]}})
+
+
 class OllamaBackend:
     """One model on an Ollama server (``spec.ollama_base_url``), served OpenAI-style.
 
@@ -159,6 +264,14 @@ class OllamaBackend:
     """
 
     name: str = "ollama"
+    #: The OpenAI parameters this backend honours (see model_service.params).
+    supports: frozenset[str] = frozenset(
+        {
+            "stream", "stream_options", "temperature", "top_p", "stop", "max_tokens",
+            "max_completion_tokens", "presence_penalty", "frequency_penalty", "seed", "tools",
+            "tool_choice", "response_format", "suffix", "dimensions", "encoding_format",
+        }
+    )  # fmt: skip
 
     def __init__(self, spec: WorkerSpec, session: requests.Session | None = None) -> None:
         self.spec = spec
@@ -237,6 +350,9 @@ class OllamaBackend:
         fmt = _response_format(body)
         if fmt is not None:
             payload["format"] = fmt
+        tools = _tools(body)
+        if tools is not None:
+            payload["tools"] = tools
         response = self._post("/api/chat", payload, stream=stream)
         if stream:
             chunks = self._translate_stream(response, body, chat=True)
@@ -244,6 +360,11 @@ class OllamaBackend:
         data = self._json(response)
         message = data.get("message")
         content = message.get("content") if isinstance(message, dict) else None
+        calls = _openai_tool_calls(message.get("tool_calls") if isinstance(message, dict) else None)
+        reply: dict[str, Any] = {"role": "assistant", "content": content or ""}
+        if calls:
+            reply["content"] = content or None
+            reply["tool_calls"] = calls
         answer = {
             "id": "chatcmpl-" + uuid.uuid4().hex[:24],
             "object": "chat.completion",
@@ -252,13 +373,41 @@ class OllamaBackend:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content or ""},
-                    "finish_reason": _finish_reason(data),
+                    "message": reply,
+                    "finish_reason": "tool_calls" if calls else _finish_reason(data),
                 }
             ],
             "usage": _usage(data),
         }
         return Result(json=answer)
+
+    def embeddings(self, body: dict[str, Any]) -> Result:
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if (
+            not isinstance(inputs, list)
+            or not inputs
+            or not all(isinstance(t, str) for t in inputs)
+        ):
+            raise _invalid("input: must be a string or a non-empty list of strings")
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "input": inputs,
+            "keep_alive": KEEP_FOREVER,
+            "options": dict(self._options),
+        }
+        dims = body.get("dimensions")
+        if dims is not None:
+            if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
+                raise _invalid(f"dimensions: must be a positive integer, got {dims!r}")
+            payload["dimensions"] = dims
+        data = self._json(self._post("/api/embed", payload, stream=False))
+        vectors = data.get("embeddings")
+        if not isinstance(vectors, list) or len(vectors) != len(inputs):
+            raise BackendError(f"Ollama at {self.base_url} answered /api/embed without embeddings")
+        tokens = int(data.get("prompt_eval_count") or 0)
+        return Result(json=embedding_answer(vectors, self.spec.model_id, tokens, body))
 
     def completions(self, body: dict[str, Any]) -> Result:
         prompt = body.get("prompt")
@@ -436,6 +585,7 @@ class OllamaBackend:
                     }
                 )
             final: dict[str, Any] = {}
+            calls = 0
             for obj in self._ndjson(response):
                 message = obj.get("message")
                 piece = message.get("content") if chat and isinstance(message, dict) else None
@@ -443,9 +593,13 @@ class OllamaBackend:
                     piece = obj.get("response")
                 if piece:
                     yield chunk(str(piece))
+                if chat and isinstance(message, dict) and message.get("tool_calls"):
+                    for call in _openai_tool_calls(message["tool_calls"]):
+                        yield from _tool_call_deltas(head, calls, call)
+                        calls += 1
                 if obj.get("done"):
                     final = obj
-            yield chunk(None, _finish_reason(final))
+            yield chunk(None, "tool_calls" if calls else _finish_reason(final))
             if _wants_usage(body):
                 yield sse_event({**head, "choices": [], "usage": _usage(final)})
         except (requests.RequestException, BackendError, ValueError) as exc:

@@ -123,6 +123,9 @@ class OpenAIBackend:
     def completions(self, body: dict[str, Any]) -> Result:
         return self._forward("/v1/completions", body)
 
+    def embeddings(self, body: dict[str, Any]) -> Result:
+        return self._forward("/v1/embeddings", body)
+
     def _forward(self, path: str, body: dict[str, Any]) -> Result:
         payload = {**body, "model": self.spec.backend_model}
         stream = bool(body.get("stream"))
