@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Any
 
+import psutil
+
 from tests.ollama_standin import OllamaStandin
 from tests.stack import Stack
 
@@ -86,12 +88,12 @@ def model_for(target: str) -> str:
     return UPSTREAM_MODEL if target == "upstream" else MODEL
 
 
-def concurrency(port: int, model: str, streams: int) -> tuple[int, int, float]:
+def concurrency(port: int, model: str, streams: int, tokens: int = 10) -> tuple[int, int, float]:
     """Open ``streams`` slow streams at once; (ok, errors, wall seconds)."""
     ok = errors = 0
     lock = threading.Lock()
     barrier = threading.Barrier(streams)
-    body = {**BODY, "max_tokens": 10}
+    body = {**BODY, "max_tokens": tokens}
 
     def run() -> None:
         nonlocal ok, errors
@@ -110,14 +112,28 @@ def concurrency(port: int, model: str, streams: int) -> tuple[int, int, float]:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(300)
     return ok, errors, time.perf_counter() - started
+
+
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of a process in MiB."""
+    info = psutil.Process(pid).memory_full_info()
+    return info.rss / 2**20, getattr(info, "pss", info.uss) / 2**20
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--streams", type=int, default=200)
+    p.add_argument(
+        "--long-streams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also hold N streams of 50 tokens at 20 ms at once, direct and through 8050",
+    )
+    p.add_argument("--skip-latency", action="store_true", help="only the concurrency runs")
     args = p.parse_args()
     upstream = OllamaStandin().start()
     stack = Stack(
@@ -143,7 +159,7 @@ def main() -> None:
             f"Python {platform.python_version()}, {platform.platform()}"
         )
         print(f"requests per target: {args.requests} (interleaved)\n")
-        for stream in (False, True):
+        for stream in () if args.skip_latency else (False, True):
             kind = "time to first chunk (stream)" if stream else "non-streamed request"
             res = latency(targets, args.requests, stream)
             print(f"{kind}: ms   p50     p99    mean")
@@ -169,6 +185,20 @@ def main() -> None:
         for name, port in targets.items():
             ok, errors, wall = concurrency(port, model_for(name), args.streams)
             print(f"  {name:<10} ok {ok:4d}  errors {errors:3d}  wall {wall:5.2f} s")
+        if args.long_streams:
+            upstream.reply = " ".join(f"w{i}" for i in range(50))
+            upstream.token_delay = 0.02
+            n = args.long_streams
+            cp_pid = int(stack.get("/health").json()["pid"])
+            print(f"\n{n} concurrent streams, 50 tokens at 20 ms each:")
+            walls = {}
+            for name in ("upstream", "frontdoor"):
+                ok, errors, wall = concurrency(targets[name], model_for(name), n, tokens=50)
+                walls[name] = wall
+                print(f"  {name:<10} ok {ok:4d}  errors {errors:3d}  wall {wall:5.2f} s")
+            rss, pss = memory_mb(cp_pid)
+            print(f"  through 8050 / direct: {walls['frontdoor'] / walls['upstream']:.2f}x")
+            print(f"  control plane after the run: RSS {rss:.0f} MiB, PSS {pss:.0f} MiB")
     finally:
         stack.down()
         stack.cleanup()

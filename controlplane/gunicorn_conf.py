@@ -13,7 +13,8 @@ from controlplane.settings import CONTROL_THREADS
 
 workers = 1
 worker_class = "gthread"
-threads = CONTROL_THREADS
+threads = CONTROL_THREADS  # created as needed: a thousand streams are held at once
+worker_connections = 2048
 timeout = 120
 graceful_timeout = 10
 keepalive = 5

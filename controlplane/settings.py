@@ -29,7 +29,7 @@ IN_PROCESS_BACKENDS: Final = frozenset({"llamacpp"})
 MODEL_ID_MAX: Final = 200
 #: Threads of the control plane's one gunicorn worker: streams, load waiters and the API share
 #: them. Load waiters may take all but ``RESERVED_THREADS``, so the control API always answers.
-CONTROL_THREADS: Final = 512
+CONTROL_THREADS: Final = 1536
 RESERVED_THREADS: Final = 64
 MAX_WAITING_TOTAL: Final = CONTROL_THREADS - RESERVED_THREADS
 MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
@@ -192,8 +192,10 @@ def _api_key(key: str, value: Any) -> str:
 
 def _host(key: str, value: Any) -> str:
     text = _str(key, value)
-    if not HOST_RE.match(text):
-        raise ConfigError(f"{key}: {text!r} is not an IP address or host name")
+    # fullmatch: `$` would let a final newline through ("localhost\n" binds nothing).
+    if not HOST_RE.fullmatch(text):
+        hint = " (an empty host binds nothing; 0.0.0.0 is every address)" if not text else ""
+        raise ConfigError(f"{key}: {text!r} is not an IP address or host name{hint}")
     return text
 
 

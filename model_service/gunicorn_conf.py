@@ -9,7 +9,10 @@ from typing import Any
 # freezes on a blocking C call such as llama.cpp's.
 workers = 1
 worker_class = "gthread"
-threads = 256
+# Enough threads that a thousand concurrent streams are held at once rather than queued; the
+# pool creates them only as they are needed.
+threads = 1100
+worker_connections = 2048
 # gthread's heartbeat keeps running while a long stream is served, so this only catches hangs.
 timeout = 120
 keepalive = 5

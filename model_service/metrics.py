@@ -7,9 +7,10 @@ because an exporter's request timer stops when the view returns, before the body
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -81,6 +82,10 @@ class WorkerMetrics:
         return TimedStream(self, endpoint, started, chunks)
 
 
+#: A non-empty content or text piece in an SSE event, as JSON encoders write it.
+_PIECE: Final = re.compile(rb'"(?:content|text)": ?"(?!")')
+
+
 class TimedStream:
     """Passes SSE chunks through, noting the first token, the usage and when it ends."""
 
@@ -108,8 +113,14 @@ class TimedStream:
         return chunk
 
     def _inspect(self, chunk: bytes) -> None:
+        """Note the first token and the usage without decoding every event: only events that
+        carry ``usage`` (the backend's count, at the end) and those before the first token are
+        parsed; later content events are counted by a byte search."""
         for event in chunk.split(b"\n\n"):
             if not event.startswith(b"data: {"):
+                continue
+            if self.first and b'"usage"' not in event:
+                self.content_chunks += len(_PIECE.findall(event))
                 continue
             try:
                 data = json.loads(event[6:])
