@@ -1,16 +1,24 @@
 """Warmup schedule windows: "keep this model loaded on weekdays 08:00-18:00" (pure).
 
 A window is days of the week and a start and end time of day, in the node's local time. An end
-before the start wraps past midnight (22:00-06:00). Parsing errors name the key and value.
+before the start wraps past midnight (22:00-06:00); an end of 24:00 is the end of the day
+(18:00-24:00), and 24:00 is only an end. Times are H:MM or HH:MM in ASCII digits, exactly as the
+OpenAPI document's patterns say. Parsing errors name the key and value.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DAY_END: Final = 24 * 60
+#: A time of day 00:00-23:59 (the hour and the minute may have one digit); ASCII digits only.
+TIME_RE: Final = re.compile(r"([01]?[0-9]|2[0-3]):([0-5]?[0-9])")
+#: The end of the day, as the end of a window.
+END_OF_DAY_RE: Final = re.compile(r"24:0?0")
 
 
 class ScheduleError(ValueError):
@@ -43,16 +51,21 @@ def _hhmm(minutes: int) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
-def _minutes(key: str, value: Any) -> int:
-    if not isinstance(value, str) or len(value.split(":")) != 2:
-        raise ScheduleError(f"{key}: {value!r} is not a time of day HH:MM")
-    hh, mm = value.split(":")
-    if not (hh.isdigit() and mm.isdigit()) or not (0 <= int(hh) <= 24 and 0 <= int(mm) < 60):
-        raise ScheduleError(f"{key}: {value!r} is not a time of day HH:MM")
-    total = int(hh) * 60 + int(mm)
-    if total > 24 * 60:
-        raise ScheduleError(f"{key}: {value!r} is after 24:00")
-    return total
+def _minutes(key: str, value: Any, *, end: bool = False) -> int:
+    """Minutes of the day of ``HH:MM``; 24:00 (the end of the day) only where ``end``."""
+    if isinstance(value, str):
+        match = TIME_RE.fullmatch(value)
+        if match:
+            return int(match[1]) * 60 + int(match[2])
+        if END_OF_DAY_RE.fullmatch(value):
+            if end:
+                return DAY_END
+            raise ScheduleError(
+                f"{key}: {value!r} is the end of the day, not a start (a window starts at "
+                "00:00-23:59)"
+            )
+    limit = "24:00" if end else "23:59"
+    raise ScheduleError(f"{key}: {value!r} is not a time of day HH:MM (00:00-{limit})")
 
 
 def _days(key: str, value: Any) -> frozenset[int]:
@@ -97,7 +110,7 @@ def parse_window(key: str, raw: Any) -> Window:
         if part not in raw:
             raise ScheduleError(f"{key}.{part}: missing")
     start = _minutes(f"{key}.start", raw["start"])
-    end = _minutes(f"{key}.end", raw["end"])
+    end = _minutes(f"{key}.end", raw["end"], end=True)
     if start == end:
         raise ScheduleError(f"{key}.end: {raw['end']!r} equals start: the window is empty")
     return Window(_days(f"{key}.days", raw.get("days", "daily")), start, end)
