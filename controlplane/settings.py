@@ -98,7 +98,7 @@ def validate_model_id(value: Any, key: str = "model_id") -> str:
         raise ConfigError(f"{key}: must not be empty")
     if len(text) > MODEL_ID_MAX:
         raise ConfigError(f"{key}: {len(text)} characters, more than {MODEL_ID_MAX}")
-    if not MODEL_ID_RE.match(text) or ".." in text.split("/") or "//" in text:
+    if not MODEL_ID_RE.fullmatch(text) or ".." in text.split("/") or "//" in text:
         raise ConfigError(
             f"{key}: {text!r} may hold only letters, digits and . _ : / @ + - "
             "(starting with a letter or digit)"
@@ -183,7 +183,7 @@ HOST_RE: Final = re.compile(r"^[A-Za-z0-9.:-]+$")
 
 def _api_key(key: str, value: Any) -> str:
     text = _str(key, value)
-    if text and not TOKEN_RE.match(text):
+    if text and not TOKEN_RE.fullmatch(text):  # fullmatch: no trailing newline either
         raise ConfigError(
             f"{key}: may hold only letters, digits and - . _ ~ + / (then =), as a bearer token"
         )

@@ -207,3 +207,16 @@ def test_options_must_be_plain_json() -> None:
 
     with pytest.raises(ConfigError, match=r"model\.options: not plain JSON"):
         parse_entry({"model_id": "m", "options": {"since": datetime.date(2026, 1, 1)}})
+
+
+@pytest.mark.parametrize("key", ["=", "==", "abc\n", "a b"])
+def test_api_keys_no_header_can_carry_are_refused(key: str) -> None:
+    """Regression: a trailing newline passed the bearer-token check (and the document let "="
+    alone through, which the server refuses)."""
+    with pytest.raises(ConfigError, match="api_key"):
+        parse_settings({"api_key": key})
+
+
+def test_a_model_id_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(ConfigError, match="model_id"):
+        parse_entry({"model_id": "tiny:1b\n"})
