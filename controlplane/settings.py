@@ -103,6 +103,8 @@ def validate_model_id(value: Any, key: str = "model_id") -> str:
             f"{key}: {text!r} may hold only letters, digits and . _ : / @ + - "
             "(starting with a letter or digit)"
         )
+    if text == "register":
+        raise ConfigError(f"{key}: 'register' is reserved by the API (POST /models/register)")
     if "/" in text and text.rsplit("/", 1)[1] in RESERVED_LAST_SEGMENTS:
         raise ConfigError(
             f"{key}: {text!r} ends in /{text.rsplit('/', 1)[1]}, which the API reserves "

@@ -220,3 +220,10 @@ def test_api_keys_no_header_can_carry_are_refused(key: str) -> None:
 def test_a_model_id_with_a_trailing_newline_is_refused() -> None:
     with pytest.raises(ConfigError, match="model_id"):
         parse_entry({"model_id": "tiny:1b\n"})
+
+
+def test_the_id_register_is_reserved() -> None:
+    """/models/register is a route: a model of that id could be registered but not reached."""
+    with pytest.raises(ConfigError, match="reserved"):
+        parse_entry({"model_id": "register"})
+    assert parse_entry({"model_id": "register:1b"}).model_id == "register:1b"
