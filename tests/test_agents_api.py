@@ -261,3 +261,14 @@ def test_usage_is_the_last_chunk_when_asked(stack: Stack) -> None:
         )
         assert chunks[-1].choices == [] and chunks[-1].usage is not None
         assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_a_list_of_prompts_gets_a_choice_each(stack: Stack) -> None:
+    """OpenAI takes a list prompt; the ollama backend answers each in order (not streamed)."""
+    for client in clients(stack, "tiny:1b"):
+        r = client.completions.create(model="tiny:1b", prompt=["one", "two three"], max_tokens=3)
+        assert [c.index for c in r.choices] == [0, 1]
+        assert all(c.text == "The quick brown" for c in r.choices)
+        assert r.usage is not None and r.usage.prompt_tokens == 3
+        with pytest.raises(openai.BadRequestError, match="one prompt per request when streaming"):
+            client.completions.create(model="tiny:1b", prompt=["a", "b"], stream=True)

@@ -315,7 +315,7 @@ def test_bad_requests_are_400_before_ollama_is_called(standin: OllamaStandin) ->
         (backend.chat_completions, {"messages": USER, "stop": 3}, "stop"),
         (backend.chat_completions, {"messages": USER, "max_tokens": "9"}, "max_tokens"),
         (backend.chat_completions, {"messages": USER, "temperature": "hot"}, "temperature"),
-        (backend.completions, {"prompt": ["a", "b"]}, "prompt"),
+        (backend.completions, {"prompt": ["a", "b"], "stream": True}, "prompt"),
     ]
     for call, body, key in bad:
         with pytest.raises(BackendError) as caught:

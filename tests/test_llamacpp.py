@@ -110,7 +110,7 @@ def test_completions_and_stop(models: dict[str, Path]) -> None:
     assert cut["choices"][0]["text"] == text[: text.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
     with pytest.raises(BackendError) as info:
-        b.completions({**base, "prompt": ["a", "b"]})
+        b.completions({**base, "prompt": ["a", "b"], "stream": True})
     assert info.value.status == 400
     b.unload()
 
@@ -249,3 +249,13 @@ def test_memory_limit_evicts_the_lru_model(stack: Stack) -> None:
         wait_until(lambda: stack.get("/health").json()["total_memory_mb"] <= limit, timeout=5)
     finally:
         stack.request("PATCH", "/config", json={"memory_limit_mb": 32000})
+
+
+def test_a_list_of_prompts_gets_a_choice_each(models: dict[str, Path]) -> None:
+    b = backend(models["small"])
+    out = b.completions({"prompt": ["hello", "there you"], "max_tokens": 3}).json or {}
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert 0 < out["usage"]["completion_tokens"] <= 6  # at most 3 for each prompt
+    assert out["usage"]["total_tokens"] > out["usage"]["completion_tokens"] > 0
+    with pytest.raises(BackendError, match="one prompt per request when streaming"):
+        b.completions({"prompt": ["a", "b"], "stream": True})

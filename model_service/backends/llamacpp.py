@@ -235,9 +235,14 @@ class LlamaCppBackend:
             key = "tools" if body.get("tools") is not None else "response_format"
             raise _invalid(f"{key}: only /v1/chat/completions takes it")
         prompt = body["prompt"]
+        if isinstance(prompt, list) and len(prompt) != 1:
+            if body.get("stream") or not prompt:
+                raise _invalid(
+                    f"prompt: a list of {len(prompt)} prompts cannot be streamed by the llamacpp "
+                    "backend (one prompt per request when streaming)"
+                )
+            return self._each_prompt(body, prompt)
         if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise _invalid("prompt: this backend takes one prompt per request")
             prompt = prompt[0]
         params = self._params(body)
         return self._run(
@@ -268,6 +273,22 @@ class LlamaCppBackend:
         return Result(json=embedding_answer(vectors, self.spec.model_id, tokens, body))
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _each_prompt(self, body: dict[str, Any], prompts: list[str]) -> Result:
+        """Several prompts: one generation each, in order, as one answer with a choice each."""
+        merged: dict[str, Any] | None = None
+        for index, text in enumerate(prompts):
+            out = self.completions({**body, "prompt": text}).json or {}
+            for choice in out.get("choices", []):
+                choice["index"] = index
+            if merged is None:
+                merged = out
+                continue
+            merged["choices"].extend(out.get("choices", []))
+            for key, value in (out.get("usage") or {}).items():
+                merged["usage"][key] = merged["usage"].get(key, 0) + value
+        assert merged is not None
+        return Result(json=merged)
 
     def _generative(self) -> None:
         if self.options.get("embedding"):

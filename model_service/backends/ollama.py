@@ -411,41 +411,62 @@ class OllamaBackend:
 
     def completions(self, body: dict[str, Any]) -> Result:
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise _invalid("prompt: must be a string (one prompt per request)")
+        raw = prompt if isinstance(prompt, list) else [prompt]
+        prompts = [p for p in raw if isinstance(p, str)]
+        if not prompts or len(prompts) != len(raw):
+            raise _invalid("prompt: must be a string or a list of strings")
         stream = bool(body.get("stream"))
-        payload: dict[str, Any] = {
-            "model": self.model,
-            "prompt": prompt,
-            "stream": stream,
-            "keep_alive": KEEP_FOREVER,
-            "options": self._request_options(body),
-        }
-        if isinstance(body.get("suffix"), str):
-            payload["suffix"] = body["suffix"]
-        response = self._post("/api/generate", payload, stream=stream)
+        if stream and len(prompts) > 1:
+            raise _invalid(
+                f"prompt: a list of {len(prompts)} prompts cannot be streamed by the ollama "
+                "backend (one prompt per request when streaming)"
+            )
+        options = self._request_options(body)
         if stream:
+            response = self._post(
+                "/api/generate", self._generate(prompts[0], body, options), stream=True
+            )
             chunks = self._translate_stream(response, body, chat=False)
             return Result(stream=ClosingStream(chunks, response.close))
-        data = self._json(response)
+        # Several prompts: one generation each, in order, as one answer with a choice each.
+        choices: list[dict[str, Any]] = []
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for index, text in enumerate(prompts):
+            payload = self._generate(text, body, options)
+            data = self._json(self._post("/api/generate", payload, stream=False))
+            choices.append(
+                {
+                    "index": index,
+                    "text": str(data.get("response") or ""),
+                    "logprobs": None,
+                    "finish_reason": _finish_reason(data),
+                }
+            )
+            for key, value in _usage(data).items():
+                usage[key] += value
         answer = {
             "id": "cmpl-" + uuid.uuid4().hex[:24],
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.spec.model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": str(data.get("response") or ""),
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(data),
-                }
-            ],
-            "usage": _usage(data),
+            "choices": choices,
+            "usage": usage,
         }
         return Result(json=answer)
+
+    def _generate(
+        self, prompt: str, body: dict[str, Any], options: dict[str, Any]
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "stream": bool(body.get("stream")),
+            "keep_alive": KEEP_FOREVER,
+            "options": options,
+        }
+        if isinstance(body.get("suffix"), str):
+            payload["suffix"] = body["suffix"]
+        return payload
 
     # -- helpers -----------------------------------------------------------------------------
 
