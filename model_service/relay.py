@@ -134,19 +134,23 @@ class Relay:
     """An answer body relayed chunk by chunk; ``close`` runs ``on_close`` exactly once.
 
     A class, not a generator: a generator closed before its first chunk never runs its
-    ``finally``, and the request would stay counted as in flight for ever.
+    ``finally``, and the request would stay counted as in flight for ever. A read that fails
+    ends the body (with ``on_error``'s last chunk, if given) and the connection is not reused.
     """
 
     def __init__(
         self,
         resp: http.client.HTTPResponse,
         done: Callable[[bool], None],
-        on_close: Callable[[], None],
+        on_close: Callable[[], None] = lambda: None,
+        on_error: Callable[[Exception], bytes] | None = None,
     ) -> None:
         self._resp = resp
         self._done = done
         self._on_close = on_close
+        self._on_error = on_error
         self._finished = False
+        self._complete = False  # read to its end: the connection can carry another request
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -157,10 +161,14 @@ class Relay:
             raise StopIteration
         try:
             chunk = self._resp.read1(CHUNK)
-        except (OSError, http.client.HTTPException):
-            chunk = b""
-        if not chunk:
+        except (OSError, http.client.HTTPException) as exc:
             self._finished = True
+            self._resp.close()
+            if self._on_error is None:
+                raise StopIteration from None
+            return self._on_error(exc)
+        if not chunk:
+            self._finished = self._complete = True
             # read1() does not mark a Content-Length answer read to its end as closed; the
             # connection can only carry the next request once it is.
             self._resp.close()
@@ -173,8 +181,8 @@ class Relay:
         self._closed = True
         try:
             # A stream cut short leaves unread data on the connection: do not reuse it.
-            if not self._finished:
+            if not self._complete:
                 self._resp.close()
-            self._done(self._finished)
+            self._done(self._complete)
         finally:
             self._on_close()

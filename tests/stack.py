@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 import requests
@@ -159,6 +159,16 @@ class Stack:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def running(self) -> Iterator[Self]:
+        """Up for the length of a fixture; then down, removed, and checked for leaks."""
+        try:
+            self.up()
+            yield self
+        finally:
+            leaks = self.down()
+            self.cleanup()
+        assert not leaks, f"processes left running after modelpool down: {leaks}"
 
     def supervisorctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -147,13 +147,7 @@ class ShippedStack(Stack):
 @pytest.fixture(scope="module")
 def shipped_stack(standin: OllamaStandin) -> Iterator[ShippedStack]:
     stack = ShippedStack([{"model_id": "qwen2.5-coder:7b"}], standin.url)
-    try:
-        stack.up()
-        yield stack
-    finally:
-        leaks = stack.down()
-        stack.cleanup()
-    assert not leaks, f"processes left running after modelpool down: {leaks}"
+    yield from stack.running()
 
 
 def test_stack_config_defaults_to_the_run_dir_seeded_from_the_shipped_dir(

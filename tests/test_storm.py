@@ -26,14 +26,7 @@ def slow_ollama() -> Iterator[OllamaStandin]:
 
 @pytest.fixture(scope="module")
 def storm_stack(slow_ollama: OllamaStandin) -> Iterator[Stack]:
-    stack = Stack([{"model_id": "tiny:1b"}], ollama_url=slow_ollama.url)
-    try:
-        stack.up()
-        yield stack
-    finally:
-        leaks = stack.down()
-        stack.cleanup()
-        assert not leaks, f"processes left running: {leaks}"
+    yield from Stack([{"model_id": "tiny:1b"}], ollama_url=slow_ollama.url).running()
 
 
 def test_a_storm_of_waiters_never_starves_the_control_api(storm_stack: Stack) -> None:

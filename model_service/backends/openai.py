@@ -21,7 +21,7 @@ from requests.adapters import HTTPAdapter
 
 from model_service.backends import ClosingStream, sse_error
 from model_service.backends.base import BackendError, BackendUnavailable, Result
-from model_service.relay import CHUNK, WorkerProxy, WorkerUnreachable
+from model_service.relay import Relay, WorkerProxy, WorkerUnreachable
 from model_service.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class OpenAIBackend:
                 f"OpenAI-compatible upstream is not reachable at {self.base_url} ({exc})"
             ) from None
         if stream and 200 <= resp.status < 300:
-            return Result(stream=_UpstreamStream(resp, done, self.base_url), status=resp.status)
+            return Result(stream=Relay(resp, done, on_error=self._broke), status=resp.status)
         try:
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -213,19 +213,8 @@ class OpenAIBackend:
         except ValueError:
             answer = None
         if not 200 <= resp.status < 300:
-            if not isinstance(answer, dict):
-                text = raw.decode(errors="replace").strip()[:500] or resp.reason or ""
-                answer = {
-                    "error": {
-                        "message": f"OpenAI-compatible upstream at {self.base_url} answered "
-                        f"HTTP {resp.status}: {text}",
-                        "type": "upstream_error",
-                        "code": "upstream_error",
-                    }
-                }
-            retry = resp.getheader("Retry-After")
-            headers = {"Retry-After": retry} if retry else {}
-            return Result(json=answer, status=resp.status, headers=headers)
+            text = raw.decode(errors="replace").strip()[:500] or resp.reason or ""
+            return self._upstream_error(answer, resp.status, text, resp.getheader("Retry-After"))
         if not isinstance(answer, dict):
             raise BackendError(
                 f"OpenAI-compatible upstream at {self.base_url} answered {path} "
@@ -241,20 +230,34 @@ class OpenAIBackend:
             data = response.json()
         except ValueError:
             data = None
+        text = response.text.strip()[:500] or response.reason or ""
+        retry = response.headers.get("Retry-After")
+        return self._upstream_error(data, response.status_code, text, retry)
+
+    def _upstream_error(self, data: Any, status: int, text: str, retry: str | None) -> Result:
+        """An upstream's error answer passed through; wrapped in the OpenAI shape if it is not
+        a JSON object."""
         if not isinstance(data, dict):
-            text = response.text.strip()[:500] or response.reason or ""
             data = {
                 "error": {
                     "message": f"OpenAI-compatible upstream at {self.base_url} answered "
-                    f"HTTP {response.status_code}: {text}",
+                    f"HTTP {status}: {text}",
                     "type": "upstream_error",
                     "code": "upstream_error",
                 }
             }
-        headers = {}
-        if "Retry-After" in response.headers:
-            headers["Retry-After"] = response.headers["Retry-After"]
-        return Result(json=data, status=response.status_code, headers=headers)
+        headers = {"Retry-After": retry} if retry else {}
+        return Result(json=data, status=status, headers=headers)
+
+    def _broke(self, exc: Exception) -> bytes:
+        """The last event of a stream the upstream broke off (blank lines end a half event)."""
+        log.warning("stream from %s broke: %s", self.base_url, exc)
+        return b"\n\n" + sse_error(
+            f"the stream from the OpenAI-compatible upstream at {self.base_url} broke: "
+            f"{_short_reason(exc)}",
+            type="upstream_error",
+            code="upstream_error",
+        )
 
     def _relay(self, response: requests.Response) -> Iterator[bytes]:
         try:
@@ -263,55 +266,6 @@ class OpenAIBackend:
                 if chunk:
                     yield chunk
         except requests.RequestException as exc:
-            log.warning("stream from %s broke: %s", self.base_url, exc)
-            # The blank lines end any event the upstream left half-written.
-            yield b"\n\n" + sse_error(
-                f"the stream from the OpenAI-compatible upstream at {self.base_url} broke: "
-                f"{_short_reason(exc)}",
-                type="upstream_error",
-                code="upstream_error",
-            )
+            yield self._broke(exc)
         finally:
             response.close()
-
-
-class _UpstreamStream(Iterator[bytes]):
-    """An upstream's streamed answer, chunk by chunk as it arrives; a break becomes an error
-    event. ``close`` (end, or the client went away) gives the connection back only if the
-    answer was read to its end."""
-
-    def __init__(self, resp: http.client.HTTPResponse, done: Any, base_url: str) -> None:
-        self._resp, self._done, self._base_url = resp, done, base_url
-        self._finished = self._closed = self._complete = False
-
-    def __iter__(self) -> _UpstreamStream:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._finished:
-            raise StopIteration
-        try:
-            chunk = self._resp.read1(CHUNK)
-        except (OSError, http.client.HTTPException) as exc:
-            self._finished = True
-            self._resp.close()
-            log.warning("stream from %s broke: %s", self._base_url, exc)
-            return b"\n\n" + sse_error(
-                f"the stream from the OpenAI-compatible upstream at {self._base_url} broke: {exc}",
-                type="upstream_error",
-                code="upstream_error",
-            )
-        if not chunk:
-            self._finished = True
-            self._resp.close()
-            self._complete = True
-            raise StopIteration
-        return chunk
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if not self._complete:
-            self._resp.close()
-        self._done(self._complete)
