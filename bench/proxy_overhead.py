@@ -24,6 +24,7 @@ import platform
 import statistics
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import psutil
@@ -91,6 +92,7 @@ def model_for(target: str) -> str:
 def concurrency(port: int, model: str, streams: int, tokens: int = 10) -> tuple[int, int, float]:
     """Open ``streams`` slow streams at once; (ok, errors, wall seconds)."""
     ok = errors = 0
+    reasons: Counter[str] = Counter()
     lock = threading.Lock()
     barrier = threading.Barrier(streams)
     body = {**BODY, "max_tokens": tokens}
@@ -103,9 +105,10 @@ def concurrency(port: int, model: str, streams: int, tokens: int = 10) -> tuple[
             c.once(body, stream=True)
             with lock:
                 ok += 1
-        except Exception:
+        except Exception as exc:
             with lock:
                 errors += 1
+                reasons[f"{type(exc).__name__}: {exc}"[:160]] += 1
 
     threads = [threading.Thread(target=run) for _ in range(streams)]
     started = time.perf_counter()
@@ -113,6 +116,8 @@ def concurrency(port: int, model: str, streams: int, tokens: int = 10) -> tuple[
         t.start()
     for t in threads:
         t.join(300)
+    for reason, n in reasons.most_common(3):
+        print(f"    {n} x {reason}")
     return ok, errors, time.perf_counter() - started
 
 
@@ -120,6 +125,18 @@ def memory_mb(pid: int) -> tuple[float, float]:
     """(RSS, PSS) of a process in MiB."""
     info = psutil.Process(pid).memory_full_info()
     return info.rss / 2**20, getattr(info, "pss", info.uss) / 2**20
+
+
+def cpu_seconds(proc: psutil.Process, children: bool = True) -> float:
+    """User and system CPU seconds of a process (and its children) so far."""
+    total = 0.0
+    for p in [proc, *(proc.children(recursive=True) if children else [])]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def main() -> None:
@@ -190,12 +207,22 @@ def main() -> None:
             upstream.token_delay = 0.02
             n = args.long_streams
             cp_pid = int(stack.get("/health").json()["pid"])
+            procs = {
+                "bench": psutil.Process(),
+                "control plane": psutil.Process(cp_pid),
+                "worker": psutil.Process(int(stack.model(MODEL)["pid"])),
+            }
             print(f"\n{n} concurrent streams, 50 tokens at 20 ms each:")
             walls = {}
             for name in ("upstream", "frontdoor"):
+                before = {k: cpu_seconds(p, k != "bench") for k, p in procs.items()}
                 ok, errors, wall = concurrency(targets[name], model_for(name), n, tokens=50)
                 walls[name] = wall
+                cpu = ", ".join(
+                    f"{k} {cpu_seconds(p, k != 'bench') - before[k]:.1f}" for k, p in procs.items()
+                )
                 print(f"  {name:<10} ok {ok:4d}  errors {errors:3d}  wall {wall:5.2f} s")
+                print(f"             CPU seconds: {cpu}")
             rss, pss = memory_mb(cp_pid)
             print(f"  through 8050 / direct: {walls['frontdoor'] / walls['upstream']:.2f}x")
             print(f"  control plane after the run: RSS {rss:.0f} MiB, PSS {pss:.0f} MiB")

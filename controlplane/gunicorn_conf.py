@@ -1,20 +1,24 @@
 """gunicorn settings of the control plane.
 
 One worker process, because that process owns the pool state (a second one would run a second
-pool); gthread with many threads, because requests that wait for a model to load, and streams
-proxied through the front door, each hold a thread while mostly waiting.
+pool). gunicorn's asyncio worker (``asgi``): the front door relays streams on the event loop, a
+thousand at once without a thread each, and runs the Flask app in a pool of threads for the rest
+(requests that wait for a model to load each hold one while mostly waiting); see
+controlplane/asgi.py.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from controlplane.settings import CONTROL_THREADS
+from model_service.asgi import prepare_worker
 
 workers = 1
-worker_class = "gthread"
-threads = CONTROL_THREADS  # created as needed: a thousand streams are held at once
-worker_connections = 2048
+worker_class = "asgi"
+# The Flask app's threads (created as needed) are controlplane.asgi's own: CONTROL_THREADS.
+worker_connections = 4096
+# The startup and shutdown of the pool are the hooks below, not ASGI lifespan events.
+asgi_lifespan = "off"
 timeout = 120
 graceful_timeout = 10
 keepalive = 5
@@ -26,12 +30,18 @@ errorlog = "-"
 loglevel = "info"
 
 
+def _extensions(worker: Any) -> dict[str, Any]:
+    app = getattr(worker, "asgi", None) or getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", None) or {}
+
+
 def post_worker_init(worker: Any) -> None:
     """Start the pool (adoption, reaper thread, warmup) inside the worker process."""
-    worker.wsgi.extensions["modelpool"].start()
+    prepare_worker(worker)
+    _extensions(worker)["modelpool"].start()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    app = getattr(worker, "wsgi", None)
-    if app is not None and "modelpool" in getattr(app, "extensions", {}):
-        app.extensions["modelpool"].stop()
+    svc = _extensions(worker).get("modelpool")
+    if svc is not None:
+        svc.stop()

@@ -133,7 +133,7 @@ class Node:
             f"MODELPOOL_SPEC={spec}",
             "--name",
             program,
-            "model_service.app:create_app_from_env()",
+            "model_service.worker_asgi:create()",
         ]
         return Template((TEMPLATE_DIR / "program.conf.tmpl").read_text()).substitute(
             name=program,
@@ -159,7 +159,7 @@ class Node:
             f"MODELPOOL_RUN_DIR={self.paths.run_dir}",
             "--env",
             f"MODELPOOL_CONFIG_DIR={config_dir.resolve()}",
-            "controlplane.app:create_app()",
+            "controlplane.asgi:create()",
         ]
         run_dir = _conf_value(str(self.paths.run_dir), "run_dir")
         return Template((TEMPLATE_DIR / "supervisord.conf.tmpl").read_text()).substitute(

@@ -304,6 +304,19 @@ class ModelPool:
         """
         return self._ensure(model_id, timeout, manual=False, wait=True, hold=True)
 
+    def try_begin_request(self, model_id: str) -> tuple[int, int] | None:
+        """``begin_request`` for a model that is serving now, without waiting or raising:
+        (port, generation), or None when the request needs more (a load, a wait, an error).
+        Pair with ``release(model_id, gen, thread=False)``."""
+        with self._lock:
+            rec = self._records.get(model_id)
+            if rec is None or rec.deleting or rec.state not in SERVING or rec.port is None:
+                return None
+            # Relayed on the event loop, it holds none of the threads _held counts.
+            rec.in_flight += 1
+            self.touch(rec, self.clock())
+            return rec.port, rec.gen
+
     @contextmanager
     def acquire(self, model_id: str, timeout: float | None = None) -> Iterator[Record]:
         """``begin_request`` ... ``release`` as a context manager."""
@@ -313,14 +326,16 @@ class ModelPool:
         finally:
             self.release(model_id, rec.gen)
 
-    def release(self, model_id: str, gen: int) -> None:
-        """The end of a request counted by ``begin_request`` for generation ``gen``.
+    def release(self, model_id: str, gen: int, thread: bool = True) -> None:
+        """The end of a request counted by ``begin_request`` for generation ``gen`` (or by
+        ``try_begin_request``, with ``thread=False``).
 
         A request of an earlier load (the model was force-unloaded and loaded again meanwhile)
         is not counted against the new worker.
         """
         with self._lock:
-            self._held = max(0, self._held - 1)  # the thread is free whatever its generation
+            if thread:  # the thread is free whatever its generation
+                self._held = max(0, self._held - 1)
             rec = self._records.get(model_id)
             if rec is not None and rec.gen == gen and rec.in_flight > 0:
                 rec.in_flight -= 1

@@ -27,8 +27,9 @@ BACKENDS: Final = ("ollama", "llamacpp", "openai")
 #: Backends that hold the model in the worker's own process: its RSS is the model's memory.
 IN_PROCESS_BACKENDS: Final = frozenset({"llamacpp"})
 MODEL_ID_MAX: Final = 200
-#: Threads of the control plane's one gunicorn worker: streams, load waiters and the API share
-#: them. Load waiters may take all but ``RESERVED_THREADS``, so the control API always answers.
+#: Threads of the control plane's Flask app (controlplane/asgi.py): load waiters, the requests
+#: Flask relays and the API share them (streams relayed on the event loop hold none). Load
+#: waiters may take all but ``RESERVED_THREADS``, so the control API always answers.
 CONTROL_THREADS: Final = 1536
 RESERVED_THREADS: Final = 64
 MAX_WAITING_TOTAL: Final = CONTROL_THREADS - RESERVED_THREADS

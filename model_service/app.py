@@ -30,6 +30,13 @@ log = logging.getLogger("modelpool.worker")
 VIA_HEADER = "X-Modelpool-Via"
 MEMORY_REFRESH_SECONDS = 10.0
 EXT = "modelpool_worker"
+METRICS_EXT = "modelpool_worker_metrics"
+KEYS_EXT = "modelpool_worker_keys"
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
 
 
 class WorkerState:
@@ -83,11 +90,11 @@ class WorkerState:
             self.in_flight_direct += direct
             self.last_request_at = time.time()
 
-    def end(self, direct: bool) -> None:
+    def end(self, direct: bool, served: bool = True) -> None:
         with self._lock:
             self.in_flight -= 1
             self.in_flight_direct -= direct
-            self.requests_served += 1
+            self.requests_served += served
             self.last_request_at = time.time()
 
     def watch_memory(self, every: float = MEMORY_REFRESH_SECONDS) -> None:
@@ -152,12 +159,14 @@ def create_app(
     state = WorkerState(spec, backend)
     app.extensions[EXT] = state
     metrics = WorkerMetrics(spec.model_id, lambda: state.status == "ready", lambda: state.in_flight)
+    app.extensions[METRICS_EXT] = metrics
 
     @app.get("/metrics")
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     keys = KeySource(spec.api_key_file, spec.api_key)
+    app.extensions[KEYS_EXT] = keys
 
     @app.before_request
     def require_key() -> Response | None:
@@ -308,42 +317,48 @@ class _Unavailable:
 
 
 def _validate(kind: str, body: dict[str, Any], model_id: str) -> Response | None:
+    problem = request_problem(kind, body, model_id)
+    if problem is None:
+        return None
+    if problem.startswith("model:"):
+        return error_response(problem, 404, "invalid_request_error", "model_not_found")
+    return _bad(problem)
+
+
+def request_problem(kind: str, body: dict[str, Any], model_id: str) -> str | None:
+    """What is wrong with a request's body, for the client (None: nothing); a message that
+    starts with ``model:`` is a 404, any other a 400."""
     model = body.get("model")
     if model is not None and model != model_id:
-        return error_response(
-            f"model: this worker serves {model_id!r}, not {model!r}",
-            404,
-            "invalid_request_error",
-            "model_not_found",
-        )
+        return f"model: this worker serves {model_id!r}, not {model!r}"
     if "stream" in body and not isinstance(body["stream"], bool):
-        return _bad(f"stream: {body['stream']!r} is not a boolean")
+        return f"stream: {body['stream']!r} is not a boolean"
     if kind == "chat":
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
-            return _bad("messages: expected a non-empty list of messages")
+            return "messages: expected a non-empty list of messages"
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                return _bad(f"messages[{i}]: expected an object with a role")
+                return f"messages[{i}]: expected an object with a role"
     elif kind == "embeddings":
         inputs = body.get("input")
         if not (
             (isinstance(inputs, str) and inputs)
             or (isinstance(inputs, list) and inputs and all(isinstance(t, str) for t in inputs))
         ):
-            return _bad("input: expected a string or a non-empty list of strings")
+            return "input: expected a string or a non-empty list of strings"
     else:
         prompt = body.get("prompt")
         if not (
             isinstance(prompt, str)
             or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
         ):
-            return _bad("prompt: expected a string or a list of strings")
+            return "prompt: expected a string or a list of strings"
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
-        return _bad(f"max_tokens: {max_tokens!r} is not a positive integer")
+        return f"max_tokens: {max_tokens!r} is not a positive integer"
     return None
 
 

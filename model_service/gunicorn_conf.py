@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-# One process: the model lives in it once. gthread holds many slow streams at once (each
-# stream is a thread mostly waiting on the backend); sync would serialise them and gevent
-# freezes on a blocking C call such as llama.cpp's.
+from model_service.asgi import prepare_worker
+
+# One process: the model lives in it once. gunicorn's asyncio worker (``asgi``): a pass-through
+# backend's streams are relayed on the event loop, and the Flask app runs in a pool of threads
+# (model_service/worker_asgi.py), so a blocking call such as llama.cpp's blocks one thread, not
+# the loop (gevent would freeze on it).
 workers = 1
-worker_class = "gthread"
-# Enough threads that a thousand concurrent streams are held at once rather than queued; the
-# pool creates them only as they are needed.
-threads = 1100
-worker_connections = 2048
-# gthread's heartbeat keeps running while a long stream is served, so this only catches hangs.
+worker_class = "asgi"
+worker_connections = 4096
+# Nothing to do at ASGI startup: the model loads in a thread the Flask app starts.
+asgi_lifespan = "off"
+# The event loop notifies gunicorn every second, streams or not: this only catches a hung loop.
 timeout = 120
 keepalive = 5
 # gunicorn >= 25.1 opens a control socket at a shared default path: one worker stopping would
@@ -24,9 +26,13 @@ errorlog = "-"
 loglevel = "info"
 
 
+def post_worker_init(worker: Any) -> None:
+    prepare_worker(worker)
+
+
 def worker_exit(server: Any, worker: Any) -> None:
     """Release the model in the backend (Ollama: keep_alive 0) when the worker stops."""
-    app = getattr(worker, "wsgi", None)
+    app = getattr(worker, "asgi", None) or getattr(worker, "wsgi", None)
     state = getattr(app, "extensions", {}).get("modelpool_worker") if app is not None else None
     if state is not None:
         try:

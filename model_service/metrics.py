@@ -109,10 +109,10 @@ class TimedStream:
         except StopIteration:
             self.completed = True
             raise
-        self._inspect(chunk)
+        self.note(chunk)
         return chunk
 
-    def _inspect(self, chunk: bytes) -> None:
+    def note(self, chunk: bytes) -> None:
         """Note the first token and the usage without decoding every event: only events that
         carry ``usage`` (the backend's count, at the end) and those before the first token are
         parsed; later content events are counted by a byte search."""
@@ -137,6 +137,11 @@ class TimedStream:
                         self.metrics.ttft.labels(self.metrics.model, self.endpoint).observe(
                             time.perf_counter() - self.started
                         )
+
+    def end(self, completed: bool) -> None:
+        """The end of a stream relayed without this iterator (see model_service/worker_asgi.py)."""
+        self.completed = completed
+        self.close()
 
     def close(self) -> None:
         if self.closed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -713,14 +714,20 @@ def test_a_model_that_alone_exceeds_the_limit_is_refused_once_measured() -> None
 def test_a_model_with_waiters_is_not_evicted_before_they_are_counted() -> None:
     pool, _, _ = make([ModelEntry("a", memory_mb=100)], memory_limit_mb=150)
     pool.ensure_loaded("a", wait=False)
-    t = threading.Thread(target=lambda: pool.release("a", pool.begin_request("a", 5).gen))
+    t = threading.Thread(target=lambda: pool.release("a", pool.begin_request("a", 30).gen))
     with pool._lock:  # the waiter is counted but has not run since the model became HOT
         t.start()
-        pool._changed.wait_for(lambda: pool._records["a"].waiters == 1, 5)
+        deadline = time.monotonic() + 5
+        # Nothing notifies when a waiter queues: look again every 10 ms (the wait lets it in).
+        while pool._records["a"].waiters != 1 and time.monotonic() < deadline:
+            pool._changed.wait(0.01)
+        assert pool._records["a"].waiters == 1
         rec = pool._records["a"]
         rec.state, rec.measured_mb = State.HOT, 200.0
         assert policy.evict_over_limit(pool._views(), 150) == ()
+        pool._changed.notify_all()  # the waiter now finds its model HOT and is served
     t.join(5)
+    assert not t.is_alive() and pool.record("a").in_flight == 0
 
 
 def test_generations_are_not_reused_by_a_model_registered_again() -> None:

@@ -157,7 +157,7 @@ def test_two_control_planes_on_one_run_dir_refuse_a_hand_started_gunicorn(
         f"127.0.0.1:{port}",
         "--name",
         str(config_dir),
-        "controlplane.app:create_app()",
+        "controlplane.asgi:create()",
     ]
     gunicorn = subprocess.Popen(
         cmd,

@@ -148,8 +148,15 @@ class PoolCollector(Collector):
         )
 
 
+HTTP_EXT = "modelpool_http_metrics"
+
+
 def install(app: Flask, svc: PoolService) -> CollectorRegistry:
-    """Serve ``/metrics`` from a registry of this app's own."""
+    """Serve ``/metrics`` from a registry of this app's own.
+
+    ``app.extensions[HTTP_EXT]`` keeps the exporter's request histogram and counter, for the
+    requests the front door relays without Flask (controlplane/asgi.py) to be counted too.
+    """
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PoolCollector(svc))
     PrometheusMetrics(
@@ -158,5 +165,10 @@ def install(app: Flask, svc: PoolService) -> CollectorRegistry:
         group_by="url_rule",  # the route, not the path: model ids stay out of these labels
         path="/metrics",
         defaults_prefix="modelpool",
+    )
+    named = registry._names_to_collectors  # the exporter keeps its metric objects to itself
+    app.extensions[HTTP_EXT] = (
+        named["modelpool_http_request_duration_seconds"],
+        named["modelpool_http_request_total"],
     )
     return registry

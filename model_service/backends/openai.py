@@ -140,10 +140,10 @@ class OpenAIBackend:
         return self._forward("/v1/embeddings", body)
 
     def _forward(self, path: str, body: dict[str, Any]) -> Result:
-        payload = {**body, "model": self.spec.backend_model}
         stream = bool(body.get("stream"))
         if self._fast is not None:
-            return self._forward_fast(path, payload, stream)
+            return self._forward_fast(path, body, stream)
+        payload = {**body, "model": self.spec.backend_model}
         try:
             response = self._session.post(
                 self.base_url + path,
@@ -186,10 +186,10 @@ class OpenAIBackend:
             data["model"] = self.spec.model_id
         return Result(json=data, status=response.status_code)
 
-    def _forward_fast(self, path: str, payload: dict[str, Any], stream: bool) -> Result:
+    def _forward_fast(self, path: str, body: dict[str, Any], stream: bool) -> Result:
         assert self._fast is not None
         host, port, prefix = self._fast
-        data = json.dumps(payload, separators=(",", ":")).encode()
+        data = self.payload(body)
         try:
             resp, done = self._proxy.send(host, port, "POST", prefix + path, data, self._headers)
         except WorkerUnreachable as exc:
@@ -197,7 +197,7 @@ class OpenAIBackend:
                 f"OpenAI-compatible upstream is not reachable at {self.base_url} ({exc})"
             ) from None
         if stream and 200 <= resp.status < 300:
-            return Result(stream=Relay(resp, done, on_error=self._broke), status=resp.status)
+            return Result(stream=Relay(resp, done, on_error=self.broke), status=resp.status)
         try:
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -208,13 +208,33 @@ class OpenAIBackend:
                 f"{exc}"
             ) from None
         done(True)
+        return self.answer_from(path, resp.status, raw, resp.reason, resp.getheader("Retry-After"))
+
+    def fast_route(self) -> tuple[str, int, str, dict[str, str]] | None:
+        """(host, port, path prefix, headers) of a plain http upstream, which the worker may
+        relay to on its event loop (model_service/worker_asgi.py); None if it may not."""
+        if self._fast is None:
+            return None
+        host, port, prefix = self._fast
+        return host, port, prefix, self._headers
+
+    def payload(self, body: dict[str, Any]) -> bytes:
+        """The request as the upstream gets it: the same, for the upstream's model name."""
+        return json.dumps(
+            {**body, "model": self.spec.backend_model}, separators=(",", ":")
+        ).encode()
+
+    def answer_from(
+        self, path: str, status: int, raw: bytes, reason: str, retry: str | None
+    ) -> Result:
+        """A whole (not streamed) answer of the upstream, as this worker gives it."""
         try:
             answer = json.loads(raw)
         except ValueError:
             answer = None
-        if not 200 <= resp.status < 300:
-            text = raw.decode(errors="replace").strip()[:500] or resp.reason or ""
-            return self._upstream_error(answer, resp.status, text, resp.getheader("Retry-After"))
+        if not 200 <= status < 300:
+            text = raw.decode(errors="replace").strip()[:500] or reason or ""
+            return self._upstream_error(answer, status, text, retry)
         if not isinstance(answer, dict):
             raise BackendError(
                 f"OpenAI-compatible upstream at {self.base_url} answered {path} "
@@ -222,7 +242,7 @@ class OpenAIBackend:
             )
         if "model" in answer:
             answer["model"] = self.spec.model_id
-        return Result(json=answer, status=resp.status)
+        return Result(json=answer, status=status)
 
     def _error_result(self, response: requests.Response) -> Result:
         """The upstream's error, passed through; wrapped in the OpenAI shape if not JSON."""
@@ -249,7 +269,7 @@ class OpenAIBackend:
         headers = {"Retry-After": retry} if retry else {}
         return Result(json=data, status=status, headers=headers)
 
-    def _broke(self, exc: Exception) -> bytes:
+    def broke(self, exc: Exception) -> bytes:
         """The last event of a stream the upstream broke off (blank lines end a half event)."""
         log.warning("stream from %s broke: %s", self.base_url, exc)
         return b"\n\n" + sse_error(
@@ -266,6 +286,6 @@ class OpenAIBackend:
                 if chunk:
                     yield chunk
         except requests.RequestException as exc:
-            yield self._broke(exc)
+            yield self.broke(exc)
         finally:
             response.close()
