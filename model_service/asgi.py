@@ -190,13 +190,25 @@ class WSGIBridge:
             body = await read_body(receive, self.max_body)
         loop = asyncio.get_running_loop()
         environ = _environ(scope, body, self.max_body)
-        answer, result, it = await loop.run_in_executor(self.executor, self._start, environ)
+        started = loop.run_in_executor(self.executor, self._start, environ)
+        try:
+            # Shielded: if the server cancels this request (its client went away), the call
+            # still finishes in its thread, and its answer is closed below.
+            answer, result, it = await asyncio.shield(started)
+        except asyncio.CancelledError:
+            started.add_done_callback(self._close_when_done)
+            raise
         start = {"type": "http.response.start", "status": answer.status, "headers": answer.headers}
         if isinstance(it, bytes):  # whole
             await send(start)
             await send({"type": "http.response.body", "body": it})
             return
         await self._stream(start, result, it, receive, send)
+
+    def _close_when_done(self, started: asyncio.Future[Any]) -> None:
+        """Close the answer of a call whose request was cancelled meanwhile."""
+        if not started.cancelled() and started.exception() is None:
+            self.executor.submit(_close, started.result()[1])
 
     async def _stream(
         self,
@@ -206,12 +218,17 @@ class WSGIBridge:
         receive: Receive,
         send: Send,
     ) -> None:
+        """Pull the answer chunk by chunk in the pool; close it in the pool whatever happens
+        (the end, the client gone, this request cancelled), after its last pull returned."""
         loop = asyncio.get_running_loop()
         watch = Disconnect(receive)
+        pull: asyncio.Future[Any] | None = None
         try:
             await send(start)
             while not watch.gone:
-                chunk = await loop.run_in_executor(self.executor, next, it, _END)
+                pull = loop.run_in_executor(self.executor, next, it, _END)
+                chunk = await asyncio.shield(pull)
+                pull = None
                 if chunk is _END:
                     break
                 if chunk:
@@ -219,7 +236,11 @@ class WSGIBridge:
             await send({"type": "http.response.body", "body": b""})
         finally:
             watch.stop()
-            await loop.run_in_executor(self.executor, _close, result)
+            if pull is not None and not pull.done():
+                # A generator cannot be closed while it runs: after this pull returns.
+                pull.add_done_callback(lambda _: self.executor.submit(_close, result))
+            else:
+                self.executor.submit(_close, result)
 
 
 def prepare_worker(worker: Any) -> None:

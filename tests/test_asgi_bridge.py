@@ -158,3 +158,50 @@ def test_read_body_stops_past_the_limit() -> None:
         return await read_body(receive, 100)
 
     assert len(asyncio.run(main())) == 120  # the limit and one chunk more, not all 600
+
+
+def test_an_answer_is_closed_when_its_request_is_cancelled_mid_call() -> None:
+    """Regression: a request cancelled (its client gone) while Flask ran dropped the answer
+    unclosed, so what closing releases (a request counted in flight) was never released."""
+    app = Flask("bridge-cancel")
+    entered, go = threading.Event(), threading.Event()
+    closed: list[str] = []
+
+    @app.get("/slow")
+    def slow() -> Response:
+        entered.set()
+        go.wait(5)
+        resp = Response(iter([b"a", b"b"]), mimetype="text/plain")
+        resp.call_on_close(lambda: closed.append("closed"))
+        return resp
+
+    bridge = WSGIBridge(app, 2, 100)
+
+    async def main() -> None:
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(10)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            raise AssertionError("nothing is sent for a cancelled request")
+
+        scope = {"type": "http", "method": "GET", "path": "/slow", "headers": []}
+        task = asyncio.ensure_future(bridge(scope, receive, send, b""))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        go.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        for _ in range(100):  # the call finishes in its thread, then its answer is closed
+            if closed:
+                break
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        bridge.close()
+    assert closed == ["closed"]
