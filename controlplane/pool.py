@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from controlplane import views
-from controlplane.core import policy, schedule
+from controlplane.core import leases, policy, schedule
 from controlplane.core.ports import PortRequest, PortUnavailableError, choose_port, warmup_ports
 from controlplane.core.slug import program_name
 from controlplane.core.states import OCCUPYING, SERVING, Event, State, next_state
@@ -32,6 +32,7 @@ from controlplane.errors import (
     NoCapacity,
     UnknownModel,
 )
+from controlplane.pool_leases import Leasing
 from controlplane.records import Lifecycle, Loaded, Record, Transition
 from controlplane.settings import (
     IN_PROCESS_BACKENDS,
@@ -55,7 +56,7 @@ STABLE_SECONDS = 60.0
 AVOID_PORT_SECONDS = 60.0
 
 
-class ModelPool:
+class ModelPool(Leasing):
     """Registry plus lifecycle state of every model on one node."""
 
     def __init__(
@@ -235,7 +236,8 @@ class ModelPool:
                 warmup=r.entry.model_id in warm,
                 # Callers waiting for the model are requests about to be in flight: a model
                 # that just became HOT is not expired or evicted before they are counted.
-                in_flight=r.total_in_flight + r.waiters,
+                # A live lease holds the model like a request in flight.
+                in_flight=r.total_in_flight + r.waiters + len(r.leases),
                 deadline=r.deadline,
                 grace_until=r.grace_until,
                 last_used=r.last_used,
@@ -550,7 +552,13 @@ class ModelPool:
         )
 
     def adopt(
-        self, model_id: str, port: int, pid: int, deadline: float | None, fingerprint: str
+        self,
+        model_id: str,
+        port: int,
+        pid: int,
+        deadline: float | None,
+        fingerprint: str,
+        saved_leases: Any = None,
     ) -> bool:
         """Take over a worker that is already running (after a control-plane restart).
 
@@ -567,6 +575,7 @@ class ModelPool:
             rec.estimate_mb = self._estimate(rec)
             self._new_generation(rec)
             rec.restore_deadline = deadline
+            rec.leases = leases.restore(saved_leases, self.clock())
             rec.adopting = True
             self._apply(rec, Event.LOAD_REQUESTED, "adopt")
             self._start_load(rec, adopt=True)
@@ -679,6 +688,14 @@ class ModelPool:
         """
         with self._lock:
             rec = self._get(model_id)
+            if rec.leases and rec.state in SERVING and reason == "manual":
+                if not force:
+                    holders = ", ".join(sorted(x.holder or "?" for x in rec.leases.values()))
+                    raise Conflict(
+                        f"model {model_id!r} is held by {len(rec.leases)} lease(s) ({holders}); "
+                        "force: true unloads it anyway and ends them"
+                    )
+                rec.leases = {}
             if rec.state in SERVING:
                 self._begin_unload(rec, Event.UNLOAD_REQUESTED, reason, force=force)
             elif rec.state is State.WARMING:
@@ -900,6 +917,8 @@ class ModelPool:
 
     def expire(self, now: float) -> None:
         """Apply the TTL events due at ``now`` (only with auto_unload)."""
+        with self._lock:
+            self._lapse_leases(now)
         if not self.settings.auto_unload:
             return
         with self._lock:
@@ -1026,6 +1045,7 @@ class ModelPool:
                         "deadline": r.deadline or r.restore_deadline,
                         "loaded_at": r.loaded_at,
                         "requests": r.requests,
+                        "leases": [lease.view() for lease in r.leases.values()],
                     }
                     for m, r in self._records.items()
                     if r.state in OCCUPYING

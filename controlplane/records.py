@@ -6,6 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from controlplane.core.leases import Lease
 from controlplane.core.schedule import Window
 from controlplane.core.states import State
 from controlplane.settings import ModelEntry
@@ -79,6 +80,8 @@ class Record:
     reload: bool = False
     #: Callers waiting for this model to become HOT (capped by max_queue_per_model).
     waiters: int = 0
+    #: Live leases by id: while there is one, the model neither expires nor is evicted.
+    leases: dict[str, Lease] = field(default_factory=dict)
     history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
 
     @property

@@ -214,7 +214,10 @@ class PoolService:
                 # adopted as outdated, so that it is drained and reloaded.
                 reads_key = spec.api_key_file == str(self.node.paths.api_key_file)
                 fingerprint = spec.fingerprint() if reads_key else OUTDATED
-                if self.pool.adopt(model_id, spec.port, info.pid, deadline, fingerprint):
+                saved_leases = entry.get("leases") if isinstance(entry, dict) else None
+                if self.pool.adopt(
+                    model_id, spec.port, info.pid, deadline, fingerprint, saved_leases
+                ):
                     log.info("adopting model=%s program=%s port=%s", model_id, info.name, spec.port)
                     live.add(info.name)
                     continue

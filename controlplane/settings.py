@@ -35,7 +35,7 @@ RESERVED_THREADS: Final = 64
 MAX_WAITING_TOTAL: Final = CONTROL_THREADS - RESERVED_THREADS
 MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 #: A model id may not end in one of these after a '/': /models/<id>/<segment> is a route.
-RESERVED_LAST_SEGMENTS: Final = frozenset({"health", "load", "unload", "extend-ttl"})
+RESERVED_LAST_SEGMENTS: Final = frozenset({"health", "load", "unload", "extend-ttl", "leases"})
 
 
 class ConfigError(ValueError):

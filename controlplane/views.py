@@ -45,6 +45,9 @@ def model_view(
         "memory_source": "measured" if rec.measured_mb is not None else "estimate",
         "requests": rec.requests,
         "in_flight": rec.total_in_flight,
+        "leases": [
+            lease.view() for lease in sorted(rec.leases.values(), key=lambda x: x.created_at)
+        ],
         "loaded_at": rec.loaded_at if loaded else None,
         "last_used": rec.last_used or None,
         "last_error": rec.last_error,

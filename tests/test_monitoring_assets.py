@@ -47,6 +47,7 @@ DOCUMENTED_METRICS: dict[str, MetricDoc] = {
     "modelpool_model_state_seconds": _doc("gauge", "model"),
     "modelpool_model_requests_total": _doc("counter", "model"),
     "modelpool_model_in_flight_requests": _doc("gauge", "model"),
+    "modelpool_leases": _doc("gauge", "model"),
     "modelpool_model_memory_bytes": _doc("gauge", "model"),
     "modelpool_model_ttl_remaining_seconds": _doc("gauge", "model"),
     "modelpool_loads_total": _doc("counter", "model"),

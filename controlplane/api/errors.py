@@ -20,6 +20,7 @@ from controlplane.errors import (
     LoadTimeout,
     NoCapacity,
     PoolError,
+    UnknownLease,
     UnknownModel,
 )
 from controlplane.settings import ConfigError
@@ -27,6 +28,7 @@ from controlplane.settings import ConfigError
 STATUS: dict[type[PoolError], tuple[int, str]] = {
     InvalidInput: (400, "invalid_request_error"),
     UnknownModel: (404, "invalid_request_error"),
+    UnknownLease: (404, "invalid_request_error"),
     Conflict: (409, "invalid_request_error"),
     NoCapacity: (503, "server_error"),
     LoadFailed: (503, "server_error"),

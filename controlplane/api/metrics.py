@@ -63,6 +63,9 @@ class PoolCollector(Collector):
         in_flight = GaugeMetricFamily(
             "modelpool_model_in_flight_requests", "Requests in flight per model", labels=["model"]
         )
+        leases = GaugeMetricFamily(
+            "modelpool_leases", "Live leases holding each model", labels=["model"]
+        )
         memory = GaugeMetricFamily(
             "modelpool_model_memory_bytes", "Memory held per loaded model", labels=["model"]
         )
@@ -78,10 +81,11 @@ class PoolCollector(Collector):
             since.add_metric([m], max(0.0, now - r.since) if r.since else 0.0)
             requests.add_metric([m], r.requests)
             in_flight.add_metric([m], r.total_in_flight)
+            leases.add_metric([m], len(r.leases))
             memory.add_metric([m], r.memory() * MB if r.state in OCCUPYING else 0.0)
             if r.state in (State.HOT, State.COOLING) and r.deadline is not None:
                 ttl.add_metric([m], max(0.0, r.deadline - now))
-        yield from (state, since, requests, in_flight, memory, ttl)
+        yield from (state, since, requests, in_flight, leases, memory, ttl)
         yield from self._lifecycle()
         summary = pool.summary()
         s = pool.settings

@@ -401,7 +401,11 @@
       row.endpoint.textContent = "-";
     }
 
-    row.inFlight.textContent = String(m.in_flight ?? 0);
+    const leases = (m.leases || []).length;
+    row.inFlight.textContent = String(m.in_flight ?? 0) + (leases ? ` · ${leases} leased` : "");
+    row.inFlight.title = (m.leases || [])
+      .map((l) => `${l.holder || "lease"} until ${new Date(l.expires_at * 1000).toLocaleTimeString()}`)
+      .join("\n");
     row.inFlight.classList.toggle("active", (m.in_flight || 0) > 0);
     row.requests.textContent = fmtInt(m.requests || 0);
     renderMemory(row);
