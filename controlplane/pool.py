@@ -640,6 +640,10 @@ class ModelPool(Leasing):
                 self.stats.loaded(rec.entry.model_id, now - rec.since)
             self._apply(rec, Event.BECAME_READY, "adopted" if rec.adopting else "ready")
             rec.adopting = False
+            if self.draining:
+                # Shutting down: a load that finished meanwhile is unloaded as well, or the
+                # drain would wait for it until its timeout.
+                self._begin_unload(rec, Event.UNLOAD_REQUESTED, "shutdown")
         self.on_change()
 
     def load_failed(

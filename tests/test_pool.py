@@ -762,3 +762,23 @@ def test_relayed_requests_and_waiters_share_one_thread_budget() -> None:
     for r in (second, third):
         pool.release("a", r.gen)
     assert pool._held == 0 and pool.record("a").in_flight == 0
+
+
+def test_a_load_that_finishes_during_a_drain_is_unloaded_too() -> None:
+    """Regression: a model WARMING when the drain began became HOT and stayed loaded, so the
+    drain (``modelpool down``) waited for it until its whole timeout."""
+    pool, fake, _ = make([ModelEntry("a"), ModelEntry("b")])
+    hot(pool, fake, "a")
+    pool.ensure_loaded("b", wait=False)
+    _, gen_b, _ = fake.loads[-1]
+    result: list[list[str]] = []
+    t = threading.Thread(target=lambda: result.append(pool.drain(10)))
+    t.start()
+    assert pool.wait_for(lambda: len(fake.stops) == 1, 5)  # a, at once
+    pool.stopped("a", fake.stops[0][1])
+    pool.became_ready("b", gen_b, None, 4243)
+    assert pool.record("b").state is State.UNLOADING
+    assert pool.wait_for(lambda: len(fake.stops) == 2, 5)
+    pool.stopped("b", fake.stops[1][1])
+    t.join(5)
+    assert result == [[]]
