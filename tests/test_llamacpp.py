@@ -259,3 +259,47 @@ def test_a_list_of_prompts_gets_a_choice_each(models: dict[str, Path]) -> None:
     assert out["usage"]["total_tokens"] > out["usage"]["completion_tokens"] > 0
     with pytest.raises(BackendError, match="one prompt per request when streaming"):
         b.completions({"prompt": ["a", "b"], "stream": True})
+
+
+def test_logprobs_with_logits_all_streamed_and_not(models: dict[str, Path]) -> None:
+    b = backend(models["small"], logits_all=True)
+    msgs = [{"role": "user", "content": "hi"}]
+    body = {"messages": msgs, "max_tokens": 3, "logprobs": True, "top_logprobs": 2}
+    out = b.chat_completions(body).json
+    assert out is not None
+    content = out["choices"][0]["logprobs"]["content"]
+    assert len(content) == out["usage"]["completion_tokens"]
+    assert isinstance(content[0]["logprob"], float) and content[0]["logprob"] <= 0
+    assert len(content[0]["top_logprobs"]) == 2
+    json.dumps(out)  # plain JSON: no numpy scalar left
+    stream = b.chat_completions({**body, "stream": True}).stream
+    assert stream is not None
+    events = sse(stream)
+    stream.close()  # (the worker closes it when the answer ends)
+    with_lp = [e for e in events if e["choices"] and e["choices"][0].get("logprobs")]
+    assert with_lp and isinstance(
+        with_lp[0]["choices"][0]["logprobs"]["content"][0]["logprob"], float
+    )
+    done = b.completions({"prompt": "a", "max_tokens": 2, "logprobs": 2}).json
+    assert done is not None
+    lp = done["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == done["usage"]["completion_tokens"] and lp["top_logprobs"][0]
+
+
+def test_logprobs_without_logits_all_or_out_of_range_is_a_400(models: dict[str, Path]) -> None:
+    plain = backend(models["small"])
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(BackendError, match=r"options\.logits_all: true") as info:
+        plain.chat_completions({"messages": msgs, "logprobs": True})
+    assert info.value.status == 400 and info.value.message.startswith("logprobs: ")
+    assert plain.chat_completions({"messages": msgs, "max_tokens": 1, "logprobs": False}).json
+    full = backend(models["small"], logits_all=True)
+    for bad, name in (
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+    ):
+        with pytest.raises(BackendError, match=f"^{name}: "):
+            full.chat_completions({"messages": msgs, **bad})
+    with pytest.raises(BackendError, match=r"^logprobs: "):
+        full.completions({"prompt": "a", "logprobs": 6})

@@ -41,6 +41,8 @@ LLAMA_OPTIONS: Final[dict[str, type]] = {
     "use_mlock": bool,
     "rope_freq_base": float,
     "embedding": bool,
+    # Keeps the logits of every token: needed for logprobs (and costs n_ctx x vocab floats).
+    "logits_all": bool,
 }
 #: llama-cpp-python chat formats that call tools (``options.chat_format``).
 TOOL_FORMATS: Final = frozenset(
@@ -135,6 +137,17 @@ def _pooled(vector: list[Any]) -> list[float]:
     return [x / norm for x in mean]
 
 
+def _plain(value: Any) -> Any:
+    """The same data with numpy scalars (llama.cpp's logprobs) as plain numbers, for JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        return value.item()
+    return value
+
+
 class LlamaCppBackend:
     """A GGUF model in this process, one generation at a time, with a bounded queue."""
 
@@ -144,7 +157,7 @@ class LlamaCppBackend:
         {
             "stream", "stream_options", "temperature", "top_p", "stop", "max_tokens",
             "max_completion_tokens", "presence_penalty", "frequency_penalty", "seed", "tools",
-            "tool_choice", "response_format", "encoding_format",
+            "tool_choice", "response_format", "encoding_format", "logprobs", "top_logprobs",
         }
     )  # fmt: skip
 
@@ -220,6 +233,7 @@ class LlamaCppBackend:
         self._generative()
         params = self._params(body)
         params.update(self._chat_params(body))
+        params.update(self._logprobs(body, chat=True))
         messages = body["messages"]
         return self._run(
             body,
@@ -245,6 +259,7 @@ class LlamaCppBackend:
         if isinstance(prompt, list):
             prompt = prompt[0]
         params = self._params(body)
+        params.update(self._logprobs(body, chat=False))
         return self._run(
             body,
             lambda llm, stream, procs: llm.create_completion(
@@ -295,6 +310,32 @@ class LlamaCppBackend:
             raise _invalid(
                 f"model {self.spec.model_id!r} is an embedding model: use /v1/embeddings"
             )
+
+    def _logprobs(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
+        """``logprobs`` (chat: a boolean and ``top_logprobs`` 0-20; completions: 0-5 top
+        tokens), which llama.cpp gives only for a model loaded with ``options.logits_all``."""
+        if chat:
+            wanted, top = body.get("logprobs"), body.get("top_logprobs")
+            if wanted is not None and not isinstance(wanted, bool):
+                raise _invalid(f"logprobs: {wanted!r} is not a boolean")
+            if top is not None and (
+                isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20
+            ):
+                raise _invalid(f"top_logprobs: {top!r} is not an integer from 0 to 20")
+            if top and not wanted:
+                raise _invalid("top_logprobs: needs logprobs: true")
+            params: dict[str, Any] = {"logprobs": True, "top_logprobs": top or 0} if wanted else {}
+        else:
+            n = body.get("logprobs")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 5):
+                raise _invalid(f"logprobs: {n!r} is not an integer from 0 to 5")
+            params = {"logprobs": n} if n else {}
+        if params and not self.options.get("logits_all"):
+            raise _invalid(
+                f"logprobs: model {self.spec.model_id!r} was loaded without the logits of every "
+                "token; register it with options.logits_all: true to get logprobs"
+            )
+        return params
 
     def _chat_params(self, body: dict[str, Any]) -> dict[str, Any]:
         """Tools and JSON output, as llama-cpp-python's chat handlers take them."""
@@ -385,6 +426,8 @@ class LlamaCppBackend:
             raise
         if not stream:
             self._release()
+            if "logprobs" in body:
+                out = _plain(out)
             out["model"] = self.spec.model_id
             if cap.forced:
                 for choice in out.get("choices", []):
@@ -420,6 +463,8 @@ class LlamaCppBackend:
         named: set[int] = set()
         try:
             for chunk in chunks:
+                if chunk.get("choices") and chunk["choices"][0].get("logprobs") is not None:
+                    chunk = _plain(chunk)
                 chunk["model"] = self.spec.model_id
                 chunk["id"] = ident
                 chunk.setdefault("created", created)
