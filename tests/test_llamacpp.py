@@ -303,3 +303,9 @@ def test_logprobs_without_logits_all_or_out_of_range_is_a_400(models: dict[str, 
             full.chat_completions({"messages": msgs, **bad})
     with pytest.raises(BackendError, match=r"^logprobs: "):
         full.completions({"prompt": "a", "logprobs": 6})
+
+
+def test_a_missing_smollm2_file_says_how_to_fetch_it(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="modelpool fetch-model") as info:
+        backend(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert info.value.message.startswith("model file not found: ")

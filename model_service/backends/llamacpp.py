@@ -202,8 +202,11 @@ class LlamaCppBackend:
 
     def load(self) -> None:
         if not self.path.is_file():
+            hint = ""
+            if self.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf":
+                hint = " (the quick start's model: `modelpool fetch-model` puts it there)"
             raise BackendError(
-                f"model file not found: {self.path}",
+                f"model file not found: {self.path}{hint}",
                 status=500,
                 type="configuration_error",
                 code="model_not_found",
