@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
+import requests
 
 from controlplane.adapters.supervisord import ProcessInfo, UnknownProgram
 from controlplane.adapters.worker import WorkerHealth
@@ -136,10 +140,21 @@ def test_health_probe_keeps_no_connection_open() -> None:
     try:
         probe = HttpWorkerProbe()
         for _ in range(2):
+            started = time.monotonic()
             health = probe.health(
                 "127.0.0.1", server.server_address[1], 10.0
             )  # generous: a loaded CI machine
-            assert health is not None and health.status == "ready"
+            if health is None:  # the probe says only None: find out why, for the report
+                try:
+                    why = repr(
+                        requests.get(f"http://127.0.0.1:{server.server_address[1]}/h", timeout=10)
+                    )
+                except requests.RequestException as exc:
+                    why = repr(exc)
+                pytest.fail(
+                    f"probe got nothing after {time.monotonic() - started:.1f} s; again: {why}"
+                )
+            assert health.status == "ready"
         assert seen == ["close", "close"]
     finally:
         server.shutdown()
