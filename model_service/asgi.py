@@ -81,7 +81,7 @@ class Disconnect:
         self._task.cancel()
 
 
-def _environ(scope: Scope, body: bytes, limit: int) -> dict[str, Any]:
+def _environ(scope: Scope, body: bytes) -> dict[str, Any]:
     server = scope.get("server") or ("127.0.0.1", 80)
     client = scope.get("client") or ("", 0)
     path = scope.get("root_path", "") + scope["path"]
@@ -189,7 +189,7 @@ class WSGIBridge:
         if body is None:
             body = await read_body(receive, self.max_body)
         loop = asyncio.get_running_loop()
-        environ = _environ(scope, body, self.max_body)
+        environ = _environ(scope, body)
         started = loop.run_in_executor(self.executor, self._start, environ)
         try:
             # Shielded: if the server cancels this request (its client went away), the call
