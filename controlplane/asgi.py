@@ -58,7 +58,6 @@ class ControlPlane:
         self.max_body = int(flask.config["MAX_CONTENT_LENGTH"])
         self.bridge = WSGIBridge(flask, CONTROL_THREADS, self.max_body)
         self.upstreams = Upstreams()
-        self.host = self.svc.node.bind_host
         self.metrics: tuple[Any, Any] | None = flask.extensions.get(HTTP_EXT)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.svc.pool.listeners.append(self._drop_idle)
@@ -72,7 +71,8 @@ class ControlPlane:
         # calls this from its own threads, the connections belong to the loop.
         loop = self._loop
         if new in (State.UNLOADING, State.FAILED) and rec.port is not None and loop is not None:
-            loop.call_soon_threadsafe(self.upstreams.forget, self.host, rec.port)
+            host = self.svc.pool.address_of(rec.node)
+            loop.call_soon_threadsafe(self.upstreams.forget, host, rec.port)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -113,7 +113,7 @@ class ControlPlane:
         if held is None:
             return False
         assert model is not None
-        port, gen = held
+        host, port, gen = held
         try:
             headers = {
                 "Content-Type": "application/json",
@@ -124,7 +124,7 @@ class ControlPlane:
                 headers["Authorization"] = f"Bearer {pool.settings.api_key}"
             try:
                 answer = await self.upstreams.request(
-                    self.host, port, "POST", scope["path"], body, headers
+                    host, port, "POST", scope["path"], body, headers
                 )
             except (Unreachable, BrokenAnswer):
                 return False  # Flask tries once more and reports it (503 + Retry-After)

@@ -23,7 +23,7 @@ import psutil
 import requests
 import yaml
 
-from controlplane import chat, fetch
+from controlplane import chat, fetch, nodehost
 from controlplane.adapters import rundir
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
 from controlplane.adapters.worker import local_session
@@ -451,6 +451,48 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "up":
+            if not (args.name and args.listen and args.password_file):
+                raise CliError("node up needs --name, --listen and --password-file", EXIT_USAGE)
+            pid = nodehost.node_up(
+                args.name, args.listen, Path(args.node_dir), Path(args.password_file), args.timeout
+            )
+            print(f"node {args.name} is up: supervisord pid {pid}, XML-RPC http://{args.listen}")
+            print(f"supervisorctl -s http://{args.listen} -u modelpool -p PASSWORD status")
+        elif nodehost.node_down(Path(args.node_dir), args.timeout):
+            print(f"node in {args.node_dir} is down")
+        else:
+            print(f"no node supervisord runs for {args.node_dir}")
+    except nodehost.NodeError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    nodes = _api(args).call("GET", "/nodes")["nodes"]
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return 0
+    rows = [["NODE", "STATE", "ADDRESS", "MODELS", "MEMORY MB", "LABELS", "LAST ERROR"]]
+    for n in nodes:
+        limit = f"{n['memory_limit_mb']:.0f}" if n["memory_limit_mb"] else "-"
+        rows.append(
+            [
+                n["name"] + ("" if n["placeable"] else " (no models)"),
+                n["state"],
+                n["address"],
+                f"{len(n['models'])}/{n['max_concurrent_models']}",
+                f"{n['memory_used_mb']:.0f}/{limit}",
+                ",".join(n["labels"]) or "-",
+                (n["last_error"] or "")[:60],
+            ]
+        )
+    print(_table(rows))
+    return 0
+
+
 def _global_options(default: Any) -> argparse.ArgumentParser:
     """The options every command takes, before or after its name.
 
@@ -540,6 +582,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("prompt", nargs="?", help="one prompt: print its answer and exit")
     s.set_defaults(fn=cmd_chat)
+    s = add("nodes", help="a table of nodes: state, address, models, memory")
+    s.add_argument("--json", action="store_true", help="print the raw JSON")
+    s.set_defaults(fn=cmd_nodes)
+    s = sub.add_parser(
+        "node", help="start or stop a node (a supervisord for a control plane elsewhere)"
+    )
+    s.add_argument("action", choices=["up", "down"])
+    s.add_argument("--name", help="the node's name, as the control plane's nodes: entry says")
+    s.add_argument("--listen", help="HOST:PORT of its XML-RPC server (the node's own address)")
+    s.add_argument("--run-dir", dest="node_dir", required=True, help="the node's run directory")
+    s.add_argument("--password-file", help="a file holding the password (mode 600)")
+    s.add_argument("--timeout", type=float, default=30)
+    s.set_defaults(fn=cmd_node)
     return p
 
 

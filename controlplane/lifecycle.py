@@ -15,19 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.adapters.procmem import pids_with_cmdline, terminate, tree_memory_mb
+from controlplane.adapters.procmem import tree_memory_mb
 from controlplane.adapters.supervisord import (
-    SupervisorClient,
     SupervisorError,
     SupervisorUnavailable,
     UnknownProgram,
 )
 from controlplane.adapters.worker import WorkerProbe
-from controlplane.node import Node
+from controlplane.nodes import WorkerNode
 from controlplane.pool import ModelPool
 from controlplane.records import Lifecycle, Record
 from controlplane.settings import IN_PROCESS_BACKENDS, ModelEntry
-from controlplane.specs import build_spec
 
 log = logging.getLogger("modelpool.lifecycle")
 
@@ -56,19 +54,15 @@ def log_excerpt(tail: str, lines: int = 3) -> str:
 class Workers(Lifecycle):
     """Runs lifecycle side effects in background threads."""
 
-    def __init__(
-        self, pool: ModelPool, node: Node, supervisor: SupervisorClient, probe: WorkerProbe
-    ) -> None:
+    def __init__(self, pool: ModelPool, nodes: dict[str, WorkerNode], probe: WorkerProbe) -> None:
         self.pool = pool
-        self.node = node
-        self.supervisor = supervisor
+        #: Every node by name (the local one included): where each record's worker runs.
+        self.nodes = nodes
         self.probe = probe
         self.stopping = threading.Event()
         self._threads: set[threading.Thread] = set()
         self._threads_lock = threading.Lock()
-        self._program_locks: dict[str, threading.Lock] = {}
-        #: Size of each program's log when its worker was last started.
-        self._log_offsets: dict[str, int] = {}
+        self._program_locks: dict[tuple[str, str], threading.Lock] = {}
         #: Called before a worker is stopped (the service registry withdraws it first).
         self.before_stop: Callable[[str], None] = lambda model_id: None
 
@@ -120,43 +114,51 @@ class Workers(Lifecycle):
     def start_cleanup(self, model_id: str, gen: int) -> None:
         self.spawn(f"cleanup-{model_id}", self._cleanup, model_id, gen)
 
-    def program_lock(self, program: str) -> threading.Lock:
-        """One lock per program: jobs on the same supervisord program never interleave."""
+    def program_lock(self, node: str, program: str) -> threading.Lock:
+        """One lock per program and node: jobs on the same program never interleave (a model
+        loaded again on another node does not wait for a stop on a node that is gone)."""
         with self._threads_lock:
-            return self._program_locks.setdefault(program, threading.Lock())
+            return self._program_locks.setdefault((node, program), threading.Lock())
+
+    def node_of(self, rec: Record) -> WorkerNode | None:
+        return self.nodes.get(rec.node) if rec.node is not None else None
 
     # --- tasks --------------------------------------------------------------------------------
 
     def _load(self, model_id: str, gen: int, adopt: bool) -> None:
         rec = self.pool.load_info(model_id, gen)
-        if rec is None or rec.port is None:
+        node = None if rec is None else self.node_of(rec)
+        if rec is None or rec.port is None or node is None:
             return
         try:
-            self._load_ports(model_id, gen, adopt, rec)
+            self._load_ports(model_id, gen, adopt, rec, node)
         except _Abandoned:
             raise
         except Exception as exc:
             # Whatever went wrong, the model must not stay WARMING with nobody to move it.
             log.exception("load of %s failed unexpectedly", model_id)
-            self._fail(model_id, gen, rec.program, _Failure(f"load failed: {exc}", "start_error"))
+            failure = _Failure(f"load failed: {exc}", "start_error")
+            self._fail(model_id, gen, node, rec.program, failure)
 
-    def _load_ports(self, model_id: str, gen: int, adopt: bool, rec: Record) -> None:
+    def _load_ports(
+        self, model_id: str, gen: int, adopt: bool, rec: Record, node: WorkerNode
+    ) -> None:
         """Start the worker, on another port if gunicorn finds its port taken."""
         assert rec.port is not None
         port = rec.port
         failure: _Failure | None = None
-        with self.program_lock(rec.program):
+        with self.program_lock(node.name, rec.program):
             for attempt in range(PORT_ATTEMPTS):
                 if not self.pool.still_warming(model_id, gen):
                     return
-                failure = self._attempt(model_id, gen, rec.program, port, rec.entry, adopt)
+                failure = self._attempt(model_id, gen, node, rec.program, port, rec.entry, adopt)
                 if failure is None:
                     return
                 if failure.reason != "port_in_use" or attempt == PORT_ATTEMPTS - 1:
                     break
                 # Someone took the port between our check and gunicorn's bind: another port.
                 log.warning("port taken model=%s port=%s: %s", model_id, port, failure)
-                if not self._remove(rec.program):
+                if not self._remove(node, rec.program):
                     break
                 new_port = self.pool.reassign_port(model_id, gen, port)
                 if new_port is None:
@@ -166,16 +168,26 @@ class Workers(Lifecycle):
                 return
             if failure.reason == "port_in_use":
                 failure = _Failure(failure.message, "start_error")
-            self._fail(model_id, gen, rec.program, failure)
+            self._fail(model_id, gen, node, rec.program, failure)
 
     def _attempt(
-        self, model_id: str, gen: int, program: str, port: int, entry: ModelEntry, adopt: bool
+        self,
+        model_id: str,
+        gen: int,
+        node: WorkerNode,
+        program: str,
+        port: int,
+        entry: ModelEntry,
+        adopt: bool,
     ) -> _Failure | None:
         """Start (unless adopting) and wait for one worker; None once it is ready."""
         try:
             if not adopt:
-                self._start_worker(model_id, gen, program, port, entry)
-            return self._await_ready(model_id, gen, program, port, entry.backend)
+                s = self.pool.settings
+                spec = node.spec(entry, s, port)
+                self.pool.started_with(model_id, gen, spec.fingerprint())
+                node.start(program, port, spec, s)
+            return self._await_ready(model_id, gen, node, program, port, entry.backend)
         except _Abandoned:
             raise
         except SupervisorUnavailable as exc:
@@ -184,40 +196,11 @@ class Workers(Lifecycle):
             log.exception("starting %s failed", program)
             return _Failure(f"could not start worker {program}: {exc}", "start_error")
 
-    def _start_worker(
-        self, model_id: str, gen: int, program: str, port: int, entry: ModelEntry
+    def _fail(
+        self, model_id: str, gen: int, node: WorkerNode, program: str, failure: _Failure
     ) -> None:
-        s = self.pool.settings
-        spec = build_spec(entry, s, port, str(self.node.paths.api_key_file))
-        self.pool.started_with(model_id, gen, spec.fingerprint())
-        self.node.write_program(program, port, s.graceful_shutdown_seconds, spec.to_json())
-        self._mark_log(program)
-        self.supervisor.add_program(program)
-        self.supervisor.start(program)
-
-    def _mark_log(self, program: str) -> None:
-        """Remember where this run's output starts in the program's (appended) log."""
-        try:
-            self._log_offsets[program] = self.node.paths.program_log(program).stat().st_size
-        except OSError:
-            self._log_offsets[program] = 0
-
-    def _log_since_start(self, program: str, length: int = 2000) -> str:
-        """The end of what the worker logged since it was started (not earlier runs)."""
-        path = self.node.paths.program_log(program)
-        try:
-            with path.open("rb") as fh:
-                size = fh.seek(0, 2)
-                start = self._log_offsets.get(program, 0)
-                start = 0 if start > size else start  # rotated meanwhile
-                fh.seek(max(start, size - length))
-                return fh.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def _fail(self, model_id: str, gen: int, program: str, failure: _Failure) -> None:
         log.warning("load failed model=%s reason=%s error=%s", model_id, failure.reason, failure)
-        removed = self._remove(program)
+        removed = self._remove(node, program)
         self.pool.load_failed(
             model_id,
             gen,
@@ -228,15 +211,17 @@ class Workers(Lifecycle):
         )
 
     @staticmethod
-    def measure(backend: str, pid: int | None, reported: float | None) -> float | None:
-        """A worker's memory: its process tree's (PSS, else USS) for in-process backends, else
-        what it reports (Ollama's own figure)."""
-        if backend in IN_PROCESS_BACKENDS:
+    def measure(
+        backend: str, pid: int | None, reported: float | None, local: bool = True
+    ) -> float | None:
+        """A worker's memory: its process tree's (PSS, else USS) for in-process backends on this
+        host, else what it reports (Ollama's own figure; a worker on a node, its own RSS)."""
+        if backend in IN_PROCESS_BACKENDS and local:
             return tree_memory_mb(pid)
         return reported
 
     def _await_ready(
-        self, model_id: str, gen: int, program: str, port: int, backend: str
+        self, model_id: str, gen: int, node: WorkerNode, program: str, port: int, backend: str
     ) -> _Failure | None:
         """Poll the worker until ready; None when ready (or superseded), else the error.
 
@@ -246,7 +231,7 @@ class Workers(Lifecycle):
         timeout = self.pool.settings.load_timeout_seconds
         limit = time.monotonic() + timeout
         next_check = time.monotonic() + PROCESS_CHECK_SECONDS
-        host = self.node.bind_host
+        host = node.address(self.pool.settings)
         while True:
             if self.stopping.is_set():
                 raise _Abandoned
@@ -259,8 +244,8 @@ class Workers(Lifecycle):
                 )
             if health is not None and health.status == "ready":
                 # The pid an operator sees in supervisorctl: gunicorn's master, not its worker.
-                pid = self.supervisor.process(program).pid
-                memory = self.measure(backend, pid, health.memory_mb)
+                pid = node.client.process(program).pid
+                memory = self.measure(backend, pid, health.memory_mb, node.local)
                 self.pool.became_ready(model_id, gen, memory, pid, health.requests_served)
                 return None
             if health is not None and health.status == "error":
@@ -272,23 +257,23 @@ class Workers(Lifecycle):
                 )
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + PROCESS_CHECK_SECONDS
-                gone = self._exited(program)
+                gone = self._exited(node, program)
                 if gone:
                     return _Failure(gone, "exited")
-                if BIND_FAILED in self._log_since_start(program, 400):
+                if BIND_FAILED in node.log_since_start(program, 400):
                     return _Failure(f"port {port} is held by another process", "port_in_use")
             if time.monotonic() >= limit:
                 return _Failure(f"not ready within load_timeout_seconds ({timeout:g} s)", "timeout")
             self.stopping.wait(POLL_SECONDS)
 
-    def _exited(self, program: str) -> str | None:
+    def _exited(self, node: WorkerNode, program: str) -> str | None:
         try:
-            info = self.supervisor.process(program)
+            info = node.client.process(program)
         except UnknownProgram:
             return f"worker {program} is no longer known to supervisord"
         if info.state in STARTING_STATES:
             return None
-        tail = log_excerpt(self._log_since_start(program))
+        tail = log_excerpt(node.log_since_start(program))
         return f"worker exited ({info.state}, exit status {info.exitstatus})" + (
             f": {tail}" if tail else ""
         )
@@ -297,14 +282,16 @@ class Workers(Lifecycle):
         rec = self.pool.load_info(model_id, gen)
         if rec is None:
             return
-        removed = False
+        node = self.node_of(rec)
+        removed = node is None  # its node was lost: nothing is left to stop here
         try:
             self.before_stop(model_id)
-            if force:
-                # gunicorn's quick shutdown: no drain.
-                self.supervisor.signal(rec.program, "QUIT")
-            with self.program_lock(rec.program):
-                removed = self._remove(rec.program)
+            if node is not None:
+                if force:
+                    # gunicorn's quick shutdown: no drain.
+                    node.client.signal(rec.program, "QUIT")
+                with self.program_lock(node.name, rec.program):
+                    removed = self._remove(node, rec.program)
         finally:
             if removed:
                 self.pool.stopped(model_id, gen)
@@ -314,58 +301,50 @@ class Workers(Lifecycle):
     def _hurry(self, model_id: str, gen: int) -> None:
         """Cut the drain of a worker that is already stopping (a forced unload)."""
         rec = self.pool.load_info(model_id, gen)
-        if rec is not None:
-            self.supervisor.signal(rec.program, "QUIT")
+        node = None if rec is None else self.node_of(rec)
+        if rec is not None and node is not None:
+            node.client.signal(rec.program, "QUIT")
 
     def _cleanup(self, model_id: str, gen: int) -> None:
         rec = self.pool.load_info(model_id, gen)
         if rec is None:
             return
-        removed = False
+        node = self.node_of(rec)
+        removed = node is None
         try:
-            with self.program_lock(rec.program):
-                removed = self._remove(rec.program)
+            if node is not None:
+                with self.program_lock(node.name, rec.program):
+                    removed = self._remove(node, rec.program)
         finally:
             self.pool.cleaned(model_id, gen, removed=removed)
 
-    def remove_stale(self, program: str) -> bool:
-        """Remove a program that belongs to no loaded model (adoption, orphan sweep).
+    def remove_stale(self, node_name: str, program: str) -> bool:
+        """Remove a program that belongs to no loaded model on its node (adoption, orphan
+        sweep, a node back after it was lost).
 
         Checked again under the program's lock: its model may have started loading since the
         process list that called it an orphan was read.
         """
-        with self.program_lock(program):
-            if program in self.pool.programs_in_use():
+        node = self.nodes.get(node_name)
+        if node is None:
+            return False
+        with self.program_lock(node_name, program):
+            if program in self.pool.programs_in_use(node_name):
                 return False
-            return self._remove(program)
+            return self._remove(node, program)
 
-    def _remove(self, program: str) -> bool:
+    def _remove(self, node: WorkerNode, program: str) -> bool:
         """Stop (draining), forget and delete a worker's program; idempotent.
 
         Returns False (after logging) if supervisord could not be told, so that the caller keeps
         the port and retries instead of leaving an orphan holding it.
         """
-        s = self.pool.settings
         try:
-            self.supervisor.stop(program, timeout=s.graceful_shutdown_seconds + 30)
-            self._kill_leftovers(program)
-            self.node.delete_program(program)
-            self.supervisor.remove_program(program)
+            node.remove(program, self.pool.settings)
         except (SupervisorError, OSError) as exc:
-            log.error("removing program %s failed: %s", program, exc)
+            log.error("removing program %s on node %s failed: %s", program, node.name, exc)
             return False
         return True
-
-    def _kill_leftovers(self, program: str) -> None:
-        """Stop what a killed gunicorn master left behind (its worker, holding port and model).
-
-        supervisord kills the process group only when it stops a program itself; a master
-        killed from outside orphans its worker. They carry the spec path on their command line.
-        """
-        leftovers = pids_with_cmdline(f"MODELPOOL_SPEC={self.node.paths.spec_file(program)}")
-        if leftovers:
-            log.warning("stopping leftover processes of %s: %s", program, leftovers)
-            terminate(leftovers)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,9 @@ from controlplane.errors import (
     NoCapacity,
     UnknownModel,
 )
+from controlplane.nodeconfig import LOCAL
 from controlplane.pool_leases import Leasing
+from controlplane.pool_nodes import Nodes, NodeSlot
 from controlplane.records import Lifecycle, Loaded, Record, Transition
 from controlplane.settings import (
     IN_PROCESS_BACKENDS,
@@ -56,8 +58,8 @@ STABLE_SECONDS = 60.0
 AVOID_PORT_SECONDS = 60.0
 
 
-class ModelPool(Leasing):
-    """Registry plus lifecycle state of every model on one node."""
+class ModelPool(Leasing, Nodes):
+    """Registry plus lifecycle state of every model, on every node."""
 
     def __init__(
         self,
@@ -89,12 +91,17 @@ class ModelPool(Leasing):
         self._moved = 0
         self._moved_saved = 0
         self.stats = PoolStats()
-        #: Whether supervisord answered the reaper's last call; no load starts while it is away.
-        self._available = True
+        #: Every node by name; the stack's own supervisord is ``local``. While it does not answer
+        #: the reaper, no load starts on it.
+        self._nodes: dict[str, NodeSlot] = {LOCAL: NodeSlot(LOCAL, None, up=True)}
+        #: The fingerprint a record's worker would have if started now (on its node).
+        self.fingerprint_for: Callable[[Record], str] = lambda rec: wanted_fingerprint(
+            rec.entry, self.settings
+        )
         #: Set by ``drain``: the stack is shutting down, no new load starts.
         self.draining = False
-        #: Ports found taken by someone else at bind time, avoided until the given time.
-        self._avoid: dict[int, float] = {}
+        #: Ports (by node) found taken by someone else at bind time, avoided until the given time.
+        self._avoid: dict[tuple[str, int], float] = {}
         #: Models inside one of their warmup schedule windows right now.
         self._scheduled: set[str] = set()
         #: Callers waiting for a load, and requests being relayed (between ``begin_request`` and
@@ -110,12 +117,19 @@ class ModelPool(Leasing):
 
     @property
     def available(self) -> bool:
-        return self._available
+        """Whether the stack's own supervisord answered the reaper's last call."""
+        return self._nodes[LOCAL].up
 
     def set_available(self, available: bool) -> bool:
-        """Record whether supervisord answers; returns the previous value."""
+        """Record whether the stack's own supervisord answers; returns the previous value."""
         with self._lock:
-            was, self._available = self._available, available
+            slot = self._nodes[LOCAL]
+            was, slot.up = slot.up, available
+            if available != was:
+                slot.since = self.clock()
+                slot.error = "" if available else "supervisord is not reachable"
+            if available:
+                slot.last_seen = self.clock()
             if available and not was:
                 self._changed.notify_all()
             return was
@@ -225,7 +239,8 @@ class ModelPool(Leasing):
             ttl = self.ttl_minutes(rec)
             warm = rec.entry.model_id in self._warmups()
             scheduled = rec.entry.model_id in self._scheduled
-        return views.model_view(rec, ttl, warm, scheduled, self.settings.bind_host, now)
+            host = self.address_of(rec.node)
+        return views.model_view(rec, ttl, warm, scheduled, host, now)
 
     def _views(self) -> list[policy.ModelView]:
         warm = self._kept()
@@ -306,9 +321,9 @@ class ModelPool(Leasing):
         """
         return self._ensure(model_id, timeout, manual=False, wait=True, hold=True)
 
-    def try_begin_request(self, model_id: str) -> tuple[int, int] | None:
+    def try_begin_request(self, model_id: str) -> tuple[str, int, int] | None:
         """``begin_request`` for a model that is serving now, without waiting or raising:
-        (port, generation), or None when the request needs more (a load, a wait, an error).
+        (worker address, port, generation), or None when the request needs more (a load, a wait, an error).
         Pair with ``release(model_id, gen, thread=False)``."""
         with self._lock:
             rec = self._records.get(model_id)
@@ -317,7 +332,7 @@ class ModelPool(Leasing):
             # Relayed on the event loop, it holds none of the threads _held counts.
             rec.in_flight += 1
             self.touch(rec, self.clock())
-            return rec.port, rec.gen
+            return self.address_of(rec.node), rec.port, rec.gen
 
     @contextmanager
     def acquire(self, model_id: str, timeout: float | None = None) -> Iterator[Record]:
@@ -383,8 +398,13 @@ class ModelPool(Leasing):
                     idle = rec.state in (State.COLD, State.FAILED)
                     if idle and self.draining:
                         raise BackendDown("modelpool is shutting down", retry_after=30)
-                    if idle and not self.available:
-                        raise BackendDown("supervisord is not reachable", retry_after=5)
+                    if idle and not self._any_node_up():
+                        raise BackendDown(
+                            "supervisord is not reachable"
+                            if len(self._placeable()) == 1
+                            else "no node is reachable (GET /nodes says why)",
+                            retry_after=5,
+                        )
                     if idle and not rec.busy and not rec.needs_cleanup:
                         started_gen = self._try_start(rec, manual)
                         notify = notify or started_gen is not None
@@ -458,25 +478,21 @@ class ModelPool(Leasing):
                 f"({rec.last_error}); next try in {rec.retry_at - now:.0f} s",
                 retry_after=rec.retry_at - now,
             )
-        s = self.settings
         rec.estimate_mb = self._estimate(rec)
-        plan = policy.plan_capacity(
-            self._views(),
-            rec.entry.model_id,
-            rec.estimate_mb,
-            s.max_concurrent_models,
-            s.memory_limit_mb,
-        )
+        where = self._place(rec, rec.estimate_mb)
+        plan = where.plan
+        if where.node is None or not (plan.ok or plan.evict or plan.wait):
+            self.stats.refused(rec.entry.model_id)
+            raise NoCapacity(where.reason or plan.reason, retry_after=5)
         if not plan.ok:
-            if not (plan.evict or plan.wait):
-                self.stats.refused(rec.entry.model_id)
-                raise NoCapacity(plan.reason, retry_after=5)
             for victim in plan.evict:
                 self._begin_unload(self._records[victim], Event.UNLOAD_REQUESTED, "eviction")
             return None
+        rec.node = where.node
         try:
             port = self._choose_port(rec)
         except PortUnavailableError as exc:
+            rec.node = None
             self.stats.refused(rec.entry.model_id)
             raise NoCapacity(str(exc), retry_after=5) from None
         rec.port = port
@@ -514,12 +530,16 @@ class ModelPool(Leasing):
         return max(estimate, rec.last_measured_mb or 0.0)
 
     def enforce_memory_limit(self) -> list[str]:
-        """Evict idle non-warmup models (LRU) while the measured total is over the limit."""
+        """Evict idle non-warmup models (LRU) while a node's measured total is over its limit."""
         with self._lock:
-            victims = policy.evict_over_limit(self._views(), self.settings.memory_limit_mb)
+            victims: list[str] = []
+            by_node = self._models_by_node()
+            for slot in self._nodes.values():
+                limit = self._node_limits(slot)[2]
+                victims += policy.evict_over_limit(by_node.get(slot.name, []), limit)
             for model_id in victims:
                 self._begin_unload(self._records[model_id], Event.UNLOAD_REQUESTED, "memory")
-            return list(victims)
+            return victims
 
     def reassign_port(self, model_id: str, gen: int, bad_port: int) -> int | None:
         """A new port for a load whose port turned out to be taken (the old one is avoided)."""
@@ -527,7 +547,7 @@ class ModelPool(Leasing):
             rec = self._records.get(model_id)
             if rec is None or rec.gen != gen or rec.state is not State.WARMING:
                 return None
-            self._avoid[bad_port] = self.clock() + AVOID_PORT_SECONDS
+            self._avoid[(rec.node or LOCAL, bad_port)] = self.clock() + AVOID_PORT_SECONDS
             try:
                 rec.port = self._choose_port(rec)
             except PortUnavailableError:
@@ -535,20 +555,27 @@ class ModelPool(Leasing):
             return rec.port
 
     def _choose_port(self, rec: Record) -> int:
-        s = self.settings
-        in_use = {r.port for r in self._records.values() if r.port is not None and r is not rec}
+        """A port on the record's node (pinned and warmup ports are kept for their models)."""
+        node = rec.node or LOCAL
+        slot = self._nodes[node]
+        start, end, _memory, _models = self._node_limits(slot)
+        in_use = {
+            r.port
+            for r in self._records.values()
+            if r.port is not None and r is not rec and (r.node or LOCAL) == node
+        }
         pinned = {r.entry.port for r in self._records.values() if r.entry.port is not None}
         order = self._warmups()
         req = PortRequest(rec.entry.model_id, rec.entry.port, order, pinned - {rec.entry.port})
         now = self.clock()
-        avoid = {p for p, until in self._avoid.items() if until > now}
+        avoid = {p for (n, p), until in self._avoid.items() if until > now and n == node}
         return choose_port(
             req,
-            s.port_range.start,
-            s.port_range.end,
+            start,
+            end,
             in_use | avoid,
-            self.is_port_free,
-            warmup_ports(order, pinned, s.port_range.start),
+            self.is_port_free if slot.local else lambda port: True,
+            warmup_ports(order, pinned, start),
         )
 
     def adopt(
@@ -569,6 +596,7 @@ class ModelPool(Leasing):
             rec = self._records.get(model_id)
             if rec is None or rec.state is not State.COLD:
                 return False
+            rec.node = LOCAL
             rec.port = port
             rec.pid = pid
             rec.fingerprint = fingerprint
@@ -597,7 +625,7 @@ class ModelPool(Leasing):
                 if rec.state not in SERVING or rec.fingerprint is None or rec.deleting:
                     continue
                 moved = rec.entry.port is not None and rec.port != rec.entry.port
-                if moved or rec.fingerprint != wanted_fingerprint(rec.entry, self.settings):
+                if moved or rec.fingerprint != self.fingerprint_for(rec):
                     rec.reload = True
                     self._begin_unload(rec, Event.UNLOAD_REQUESTED, "config_changed")
                     changed.append(rec.entry.model_id)
@@ -781,16 +809,9 @@ class ModelPool(Leasing):
     def _reload(self, rec: Record) -> None:
         """Load again a model whose outdated worker just stopped (lock held)."""
         rec.reload = False
-        if self.draining or not self._available:
+        if self.draining or not self._any_node_up():
             return  # the next request or warmup pass loads it
-        plan = policy.plan_capacity(
-            self._views(),
-            rec.entry.model_id,
-            self._estimate(rec),
-            self.settings.max_concurrent_models,
-            self.settings.memory_limit_mb,
-        )
-        if not plan.ok:
+        if not self._place(rec, self._estimate(rec)).plan.ok:
             return  # no eviction for a reload nobody asked for: the next request loads it
         try:
             self._try_start(rec, manual=True)
@@ -803,6 +824,7 @@ class ModelPool(Leasing):
         rec.worker_in_flight = 0
         rec.port = None
         rec.pid = None
+        rec.node = None
         rec.fingerprint = None
         rec.deadline = None
         rec.grace_until = None
@@ -944,15 +966,28 @@ class ModelPool(Leasing):
         """Every model with a worker (loading, serving or stopping)."""
         with self._lock:
             return [
-                Loaded(r.entry.model_id, r.gen, r.program, r.port, r.entry.backend, r.pid)
+                Loaded(
+                    r.entry.model_id,
+                    r.gen,
+                    r.program,
+                    r.port,
+                    r.entry.backend,
+                    r.pid,
+                    r.node or LOCAL,
+                )
                 for r in self._records.values()
                 if r.state in OCCUPYING and r.port is not None
             ]
 
-    def programs_in_use(self) -> set[str]:
-        """Programs of every model that holds a port (loading, serving, stopping, cleaning)."""
+    def programs_in_use(self, node: str = LOCAL) -> set[str]:
+        """Programs on ``node`` of every model that holds a port there (loading, serving,
+        stopping, cleaning)."""
         with self._lock:
-            return {r.program for r in self._records.values() if r.port is not None}
+            return {
+                r.program
+                for r in self._records.values()
+                if r.port is not None and (r.node or LOCAL) == node
+            }
 
     def serving_ids(self) -> set[str]:
         with self._lock:
@@ -1044,7 +1079,9 @@ class ModelPool(Leasing):
                 "models": {
                     m: {
                         "program": r.program,
+                        "node": r.node or LOCAL,
                         "port": r.port,
+                        "fingerprint": r.fingerprint,
                         "state": r.state.value,
                         "deadline": r.deadline or r.restore_deadline,
                         "loaded_at": r.loaded_at,
@@ -1076,16 +1113,18 @@ class ModelPool(Leasing):
         """Counts for ``GET /health``."""
         with self._lock:
             recs = list(self._records.values())
-            s = self.settings
-            in_use = {r.port for r in recs if r.port is not None}
+            nodes = self._placeable()
+            limits = [self._node_limits(slot) for slot in nodes]
+            free = sum(v.free_ports for v in self._node_views())
             return {
                 "active_models": sum(1 for r in recs if r.state in SERVING),
                 "loading_models": sum(1 for r in recs if r.state is State.WARMING),
                 "total_models": len(recs),
                 "total_memory_mb": round(sum(r.memory() for r in recs if r.state in OCCUPYING), 1),
-                "memory_limit_mb": s.memory_limit_mb,
-                "max_concurrent_models": s.max_concurrent_models,
-                "available_ports": (s.port_range.end - s.port_range.start + 1)
-                - len([p for p in in_use if s.port_range.start <= p <= s.port_range.end]),
+                "memory_limit_mb": sum(x[2] for x in limits),
+                "max_concurrent_models": sum(x[3] for x in limits),
+                "available_ports": free,
                 "failed_models": sum(1 for r in recs if r.state is State.FAILED),
+                "nodes": len(nodes),
+                "nodes_up": sum(1 for slot in nodes if slot.up),
             }

@@ -19,20 +19,16 @@ from typing import Any
 
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavailable
 from controlplane.adapters.worker import WorkerProbe
-from controlplane.core.slug import PROGRAM_PREFIX
-from controlplane.lifecycle import Workers, log_excerpt
+from controlplane.nodeconfig import LOCAL
 from controlplane.pool import ModelPool
 from controlplane.settings import atomic_write
+from controlplane.watch import WorkerWatch
 
 log = logging.getLogger("modelpool.reaper")
 
 MONITOR_SECONDS = 1.0
 #: Deadlines that requests moved are saved at most this often (transitions at once).
 SAVE_DEADLINES_SECONDS = 5.0
-HEALTH_TIMEOUT = 0.5
-ALIVE = frozenset({"STARTING", "RUNNING"})
-#: A serving model's worker in these states was stopped by someone else (supervisorctl stop).
-OPERATOR_STOP = frozenset({"STOPPING", "STOPPED"})
 
 
 class StateFile:
@@ -73,8 +69,8 @@ class Reaper:
     ) -> None:
         self.pool = pool
         self.supervisor = supervisor
-        self.probe = probe
-        self.host = host
+        #: The stack's own supervisord's workers (each remote node has a monitor of its own).
+        self.watch = WorkerWatch(pool, LOCAL, supervisor, lambda: host, probe, local=True)
         self.state_file = state_file
         self.clock = clock
         self.last_tick: float | None = None
@@ -83,9 +79,6 @@ class Reaper:
         self._thread: threading.Thread | None = None
         #: Called at the end of every pass (the service keeps warmup models loaded).
         self.after_tick: Callable[[], None] = lambda: None
-        #: Removes a program that belongs to no model (set by the service).
-        self.remove: Callable[[str], None] = lambda name: None
-        self._sweeping: set[str] = set()
         self._saved_at = 0.0
 
     def start(self) -> None:
@@ -162,28 +155,11 @@ class Reaper:
         self.pool.set_available(True)
         local = time.localtime(self.clock())
         self.pool.refresh_schedules(local.tm_wday, local.tm_hour * 60 + local.tm_min)
-        for w in loaded:
-            if w.model_id not in serving:
-                continue
-            info = procs.get(w.program)
-            if info is None or info.state not in ALIVE:
-                self._gone(w.model_id, w.gen, w.program, info)
-                continue
-            health = self.probe.health(self.host, w.port, HEALTH_TIMEOUT)
-            if health is not None:
-                self.pool.observe_worker(
-                    w.model_id,
-                    w.gen,
-                    health.requests_served,
-                    health.in_flight,
-                    health.last_request_at,
-                    Workers.measure(w.backend, info.pid, health.memory_mb),
-                )
+        self.watch.check(procs, serving, loaded)
         # Stops and cleanups that failed earlier (supervisord was away): try them again.
         for model_id, gen, _program in self.pool.unloading_idle():
             self.pool.retry_stop(model_id, gen)
         self.pool.retry_cleanups()
-        self._sweep_orphans(procs)
         for model_id in self.pool.enforce_memory_limit():
             log.warning("model=%s evicted: measured memory is over memory_limit_mb", model_id)
         for model_id in self.pool.reload_changed():
@@ -192,29 +168,3 @@ class Reaper:
         self.save()
         self.last_tick = self.clock()
         self.after_tick()
-
-    def _sweep_orphans(self, procs: dict[str, Any]) -> None:
-        """Remove running model programs that no model owns (they would hold memory and a port)."""
-        owned = self.pool.programs_in_use()
-        orphans = {
-            name
-            for name, info in procs.items()
-            if name.startswith(PROGRAM_PREFIX) and name not in owned and info.state in ALIVE
-        }
-        for name in orphans - self._sweeping:
-            log.warning("removing orphaned worker %s (pid %s)", name, procs[name].pid)
-            self.remove(name)
-        self._sweeping = orphans
-
-    def _gone(self, model_id: str, gen: int, program: str, info: Any) -> None:
-        state = info.state if info is not None else None
-        if state in OPERATOR_STOP:
-            detail = "stopped by an operator"
-        elif info is None:
-            detail = f"worker {program} disappeared from supervisord"
-        else:
-            tail = log_excerpt(self.supervisor.log_tail(program))
-            detail = f"worker exited unexpectedly ({state}, exit status {info.exitstatus})" + (
-                f": {tail}" if tail else ""
-            )
-        self.pool.process_gone(model_id, gen, operator_stop=state in OPERATOR_STOP, detail=detail)

@@ -21,6 +21,7 @@ class Loaded(NamedTuple):
     port: int
     backend: str
     pid: int | None
+    node: str = "local"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Record:
     gen: int = 0
     port: int | None = None
     pid: int | None = None
+    #: The node the worker runs on (None: no worker).
+    node: str | None = None
     deadline: float | None = None
     grace_until: float | None = None
     #: Deadline to restore when an adopted worker is ready again.

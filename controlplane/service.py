@@ -7,7 +7,6 @@ as a whole first and changes nothing when invalid.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -21,8 +20,12 @@ from controlplane.core.slug import PROGRAM_PREFIX
 from controlplane.core.states import State
 from controlplane.errors import Conflict, InvalidInput
 from controlplane.lifecycle import Workers
+from controlplane.monitor import NodeMonitor, call_timeout
 from controlplane.node import Node
+from controlplane.nodeconfig import LOCAL
+from controlplane.nodes import LocalNode, RemoteNode, WorkerNode, port_checker
 from controlplane.pool import ModelPool
+from controlplane.pool_nodes import LostWorker
 from controlplane.reaper import Reaper, StateFile
 from controlplane.records import Record
 from controlplane.settings import (
@@ -42,21 +45,6 @@ from model_service.spec import WorkerSpec
 log = logging.getLogger("modelpool.service")
 
 
-def port_checker(host: str) -> Callable[[int], bool]:
-    """Whether a port can be bound on ``host`` (as gunicorn binds: with SO_REUSEADDR)."""
-
-    def is_free(port: int) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError:
-                return False
-            return True
-
-    return is_free
-
-
 #: The fingerprint given to an adopted worker that must be replaced whatever its entry says.
 OUTDATED = "outdated"
 
@@ -72,7 +60,8 @@ def file_mb(path: str) -> float | None:
 
 
 class PoolService:
-    """The pool of one node with everything it talks to."""
+    """The pool with everything it talks to: the stack's own supervisord, the remote nodes,
+    their workers, the reaper and the config files."""
 
     def __init__(
         self,
@@ -89,7 +78,13 @@ class PoolService:
         self.pool = ModelPool(settings, entries, clock)
         self.supervisor = supervisor or SupervisorClient(str(self.node.paths.socket))
         self.probe = probe or HttpWorkerProbe()
-        self.workers = Workers(self.pool, self.node, self.supervisor, self.probe)
+        self.nodes: dict[str, WorkerNode] = {LOCAL: LocalNode(self.node, self.supervisor)}
+        timeout = call_timeout(settings.node_timeout_seconds)
+        remotes = [RemoteNode(c, timeout) for c in settings.nodes]
+        self.nodes.update((n.name, n) for n in remotes)
+        self.pool.configure_nodes(settings.nodes)
+        self.pool.fingerprint_for = self._fingerprint
+        self.workers = Workers(self.pool, self.nodes, self.probe)
         self.pool.lifecycle = self.workers
         self.pool.is_port_free = port_checker(settings.bind_host)
         self.pool.file_mb = file_mb
@@ -99,9 +94,10 @@ class PoolService:
         )
         self.pool.on_change = self.reaper.wake
         self.reaper.after_tick = self._keep_warm
-        self.reaper.remove = lambda name: self.workers.spawn(
-            f"orphan-{name}", self.workers.remove_stale, name
-        )
+        self.reaper.watch.remove = self._remove_orphan
+        self.monitors = [NodeMonitor(self.pool, n, self.probe) for n in remotes]
+        for m in self.monitors:
+            m.watch.remove = self._remove_orphan
         self.announcer: RegistryAnnouncer | None = None
         if settings.service_registry_url:
             self.announcer = RegistryAnnouncer(
@@ -124,12 +120,50 @@ class PoolService:
         self._write_key(self.pool.settings.api_key)
         procs = self._wait_supervisor(supervisor_wait)
         self._adopt(procs)
+        self._contact_nodes()
         self.reaper.start()
+        for monitor in self.monitors:
+            monitor.start()
         if self.announcer is not None:
             self.announcer.start()
         self.started = True
         for model_id in self.pool.warmup_ids():
             self._load_in_background(model_id)
+
+    def _remove_orphan(self, node: str, name: str) -> None:
+        self.workers.spawn(f"orphan-{node}-{name}", self.workers.remove_stale, node, name)
+
+    def _fingerprint(self, rec: Record) -> str:
+        """What the record's worker would serve if started now on its node (pure: no I/O)."""
+        node = self.nodes.get(rec.node or LOCAL, self.nodes[LOCAL])
+        return node.spec(rec.entry, self.pool.settings, 0).fingerprint()
+
+    def _contact_nodes(self) -> None:
+        """Reach every remote node once, in parallel, before warmup models are placed: workers
+        the state file says they run are adopted at first contact."""
+        saved = self.state_file.read()
+        for monitor in self.monitors:
+            expected = {
+                str(m.get("program")): LostWorker(
+                    model_id,
+                    int(m["port"]),
+                    m.get("fingerprint"),
+                    m.get("deadline"),
+                    m.get("leases"),
+                )
+                for model_id, m in saved.items()
+                if isinstance(m, dict) and m.get("node") == monitor.node.name and m.get("port")
+            }
+            self.pool.expect_workers(monitor.node.name, expected)
+        threads = [
+            threading.Thread(target=m.check, name=f"modelpool-contact-{m.node.name}", daemon=True)
+            for m in self.monitors
+        ]
+        for t in threads:
+            t.start()
+        limit = time.monotonic() + call_timeout(self.pool.settings.node_timeout_seconds) + 1
+        for t in threads:
+            t.join(max(0.0, limit - time.monotonic()))
 
     def _write_key(self, key: str) -> None:
         """Give every worker the current api_key: they re-read this file when it changes."""
@@ -145,7 +179,7 @@ class PoolService:
         assert self.announcer is not None
         model_id = rec.entry.model_id
         if new is State.HOT and rec.port is not None:
-            endpoint = f"http://{self.node.bind_host}:{rec.port}"
+            endpoint = f"http://{self.pool.address_of(rec.node)}:{rec.port}"
             self.announcer.announce(
                 model_id,
                 {
@@ -177,6 +211,8 @@ class PoolService:
         # Bounded well below gunicorn's graceful_timeout (10 s), after which the process dies.
         self.workers.stopping.set()
         self.workers.join(2)
+        for monitor in self.monitors:
+            monitor.stop(timeout=2)
         self.reaper.stop(timeout=5)
         if self.announcer is not None:
             self.announcer.stop()
@@ -224,9 +260,11 @@ class PoolService:
             log.info("removing stale program %s", info.name)
             if model_id is not None:
                 # Its model may load at once under the same program name: finish first.
-                self.workers.remove_stale(info.name)
+                self.workers.remove_stale(LOCAL, info.name)
             else:
-                self.workers.spawn(f"remove-{info.name}", self.workers.remove_stale, info.name)
+                self.workers.spawn(
+                    f"remove-{info.name}", self.workers.remove_stale, LOCAL, info.name
+                )
             live.add(info.name)
         for conf in self.node.paths.conf_d.glob("*.conf"):
             if conf.stem not in live:

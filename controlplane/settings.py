@@ -19,7 +19,25 @@ from typing import Any, Final
 
 import yaml
 
+from controlplane.core.placement import STRATEGIES
 from controlplane.core.schedule import ScheduleError, Window, parse_window
+from controlplane.nodeconfig import LOCAL, NodeConfig, check_labels, check_node_name, parse_nodes
+from controlplane.validate import (
+    ConfigError as ConfigError,
+)
+from controlplane.validate import (
+    PortRange as PortRange,
+)
+from controlplane.validate import (
+    check_bool,
+    check_host,
+    check_number,
+    check_port,
+    check_port_range,
+    check_str,
+    check_str_list,
+    check_url,
+)
 
 CONFIG_BASENAME: Final = "model_pool_config"
 REGISTRY_BASENAME: Final = "model_pool_registry"
@@ -38,63 +56,9 @@ MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 RESERVED_LAST_SEGMENTS: Final = frozenset({"health", "load", "unload", "extend-ttl", "leases"})
 
 
-class ConfigError(ValueError):
-    """Invalid configuration or registry input; the message names the key."""
-
-
-# --- small validators -------------------------------------------------------------------------
-
-
-def _number(key: str, value: Any, *, minimum: float | None = None, integer: bool = False) -> Any:
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{key}: {value!r} is not {kind}")
-    number: float = value
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    if minimum is not None and number < minimum:
-        raise ConfigError(f"{key}: {value!r} is below the minimum {minimum}")
-    return value if integer else float(number)
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: {value!r} is not a boolean (true or false)")
-    return value
-
-
-def _str(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: {value!r} is not a string")
-    return value
-
-
-def _url(key: str, value: Any, *, empty_ok: bool = False) -> str:
-    text = _str(key, value)
-    if empty_ok and text == "":
-        return text
-    if not re.match(r"^https?://[^\s/]+", text):
-        raise ConfigError(f"{key}: {value!r} is not an http:// or https:// URL")
-    return text.rstrip("/")
-
-
-def _port(key: str, value: Any) -> int:
-    port = int(_number(key, value, integer=True))
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"{key}: {port} is not a TCP port (1-65535)")
-    return port
-
-
-def _str_list(key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple):
-        raise ConfigError(f"{key}: {value!r} is not a list of strings")
-    return tuple(_str(f"{key}[{i}]", v) for i, v in enumerate(value))
-
-
 def validate_model_id(value: Any, key: str = "model_id") -> str:
     """A model id: 1-200 characters of letters, digits and ``. _ : / @ + -``."""
-    text = _str(key, value)
+    text = check_str(key, value)
     if not text:
         raise ConfigError(f"{key}: must not be empty")
     if len(text) > MODEL_ID_MAX:
@@ -117,12 +81,6 @@ def validate_model_id(value: Any, key: str = "model_id") -> str:
 # --- settings ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PortRange:
-    start: int = 8051
-    end: int = 8099
-
-
 REGISTRY_PATH_NAMES: Final = ("register", "heartbeat", "deregister")
 
 
@@ -141,21 +99,6 @@ def _registry_paths(key: str, value: Any) -> dict[str, str]:
     return paths
 
 
-def _port_range(key: str, value: Any) -> PortRange:
-    if isinstance(value, PortRange):
-        return value
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{key}: {value!r} is not a mapping with start and end")
-    unknown = sorted(set(value) - {"start", "end"})
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key (expected start, end)")
-    start = _port(f"{key}.start", value.get("start", 8051))
-    end = _port(f"{key}.end", value.get("end", 8099))
-    if end < start:
-        raise ConfigError(f"{key}.end: {end} is below {key}.start {start}")
-    return PortRange(start, end)
-
-
 @dataclass(frozen=True)
 class Setting:
     """One configuration key: its validator and what it means (defaults live on Settings)."""
@@ -169,7 +112,7 @@ class Setting:
 
 def _num(minimum: float, maximum: float) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
-        number = _number(key, value, minimum=minimum)
+        number = check_number(key, value, minimum=minimum)
         if number > maximum:
             raise ConfigError(f"{key}: {value!r} is above the maximum {maximum:g}")
         return number
@@ -181,11 +124,10 @@ YEAR_MINUTES: Final = 525600.0
 DAY_SECONDS: Final = 86400.0
 #: RFC 6750 bearer token characters: what a client can put in an Authorization header.
 TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
-HOST_RE: Final = re.compile(r"^[A-Za-z0-9.:-]+$")
 
 
 def _api_key(key: str, value: Any) -> str:
-    text = _str(key, value)
+    text = check_str(key, value)
     if text and not TOKEN_RE.fullmatch(text):  # fullmatch: no trailing newline either
         raise ConfigError(
             f"{key}: may hold only letters, digits and - . _ ~ + / (then =), as a bearer token"
@@ -193,25 +135,26 @@ def _api_key(key: str, value: Any) -> str:
     return text
 
 
-def _host(key: str, value: Any) -> str:
-    text = _str(key, value)
-    # fullmatch: `$` would let a final newline through ("localhost\n" binds nothing).
-    if not HOST_RE.fullmatch(text):
-        hint = " (an empty host binds nothing; 0.0.0.0 is every address)" if not text else ""
-        raise ConfigError(f"{key}: {text!r} is not an IP address or host name{hint}")
-    return text
-
-
 def _paths(key: str, value: Any) -> tuple[str, ...]:
-    paths = _str_list(key, value)
+    paths = check_str_list(key, value)
     for i, p in enumerate(paths):
         if not p.startswith("/") or any(c.isspace() for c in p):
             raise ConfigError(f"{key}[{i}]: {p!r} is not a URL path starting with /")
     return paths
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> str:
+        text = check_str(key, value)
+        if text not in choices:
+            raise ConfigError(f"{key}: {text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return check
+
+
 def _int(minimum: int) -> Callable[[str, Any], Any]:
-    return lambda k, v: _number(k, v, minimum=minimum, integer=True)
+    return lambda k, v: check_number(k, v, minimum=minimum, integer=True)
 
 
 SETTINGS: Final[tuple[Setting, ...]] = (
@@ -224,16 +167,16 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("max_ttl_minutes", _num(0, YEAR_MINUTES), "upper bound of a TTL and of extend-ttl"),
     Setting("grace_period_minutes", _num(0, YEAR_MINUTES), "COOLING time after the deadline"),
     Setting("check_interval_seconds", _num(0.01, DAY_SECONDS), "longest sleep of the reaper"),
-    Setting("warmup_models", _str_list, "model ids loaded at start and never expired"),
-    Setting("port_range", _port_range, "worker ports {start, end}"),
+    Setting("warmup_models", check_str_list, "model ids loaded at start and never expired"),
+    Setting("port_range", check_port_range, "worker ports {start, end}"),
     Setting("max_concurrent_models", _int(1), "most models loaded at once"),
     Setting("memory_limit_mb", _num(0, 1e9), "most memory in use by models; 0 = no limit"),
-    Setting("auto_unload", _bool, "unload models whose TTL and grace period passed"),
+    Setting("auto_unload", check_bool, "unload models whose TTL and grace period passed"),
     Setting("graceful_shutdown_seconds", _num(0, DAY_SECONDS), "drain time of in-flight requests"),
     Setting("load_timeout_seconds", _num(1, DAY_SECONDS), "WARMING longer than this is FAILED"),
     Setting(
         "max_queue_per_model",
-        lambda k, v: _number(k, v, minimum=1, integer=True),
+        lambda k, v: check_number(k, v, minimum=1, integer=True),
         f"requests that may wait for one model's load; more get 503 at once (all models: "
         f"at most {MAX_WAITING_TOTAL})",
     ),
@@ -242,12 +185,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _num(0, 1e9),
         "memory estimate of a model whose entry gives no memory_mb (and no GGUF file to size)",
     ),
-    Setting("ollama_base_url", _url, "Ollama's HTTP API"),
-    Setting("control_port", _port, "control plane port", restart=True),
-    Setting("bind_host", _host, "address the control plane and workers bind", True),
+    Setting("ollama_base_url", check_url, "Ollama's HTTP API"),
+    Setting("control_port", check_port, "control plane port", restart=True),
+    Setting("bind_host", check_host, "address the control plane and workers bind", True),
     Setting(
         "service_registry_url",
-        lambda k, v: _url(k, v, empty_ok=True),
+        lambda k, v: check_url(k, v, empty_ok=True),
         "PAS service registry; empty turns it off",
         restart=True,
     ),
@@ -264,6 +207,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         restart=True,
     ),
     Setting("api_key", _api_key, "bearer token required by the API; empty = no auth"),
+    Setting("nodes", parse_nodes, "remote nodes (supervisord hosts) for workers", restart=True),
+    Setting("local_node", check_bool, "load models on the stack's own supervisord too", True),
+    Setting("node_timeout_seconds", _num(1, DAY_SECONDS), "unreachable this long: node DOWN"),
+    Setting("placement", _choice(STRATEGIES), "spread (most free memory) or pack"),
     Setting("public_paths", _paths, "paths that need no api_key; a trailing * matches a prefix"),
 )
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
@@ -300,6 +247,10 @@ class Settings:
     )
     service_registry_heartbeat_seconds: float = 30.0
     api_key: str = ""
+    nodes: tuple[NodeConfig, ...] = ()
+    local_node: bool = True
+    node_timeout_seconds: float = 10.0
+    placement: str = "spread"
     public_paths: tuple[str, ...] = (
         "/health",
         "/health/live",
@@ -317,6 +268,7 @@ class Settings:
         data["warmup_models"] = list(self.warmup_models)
         data["public_paths"] = list(self.public_paths)
         data["service_registry_paths"] = dict(self.service_registry_paths)
+        data["nodes"] = [n.to_dict() for n in self.nodes]
         return data
 
     def public_dict(self) -> dict[str, Any]:
@@ -353,6 +305,8 @@ def parse_settings(raw: Mapping[str, Any], base: Settings | None = None) -> Sett
 
 
 def _check_settings(s: Settings) -> None:
+    if not s.local_node and not s.nodes:
+        raise ConfigError("local_node: false needs at least one entry in nodes")
     if s.max_ttl_minutes < s.min_ttl_minutes:
         raise ConfigError(
             f"max_ttl_minutes: {s.max_ttl_minutes} is below min_ttl_minutes {s.min_ttl_minutes}"
@@ -387,6 +341,10 @@ class ModelEntry:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: Warmup windows, e.g. ``[{"days": "mon-fri", "start": "08:00", "end": "18:00"}]``.
     schedule: tuple[Mapping[str, Any], ...] = ()
+    #: Nodes the model may be loaded on (empty: any).
+    nodes: tuple[str, ...] = ()
+    #: Labels a node must carry to take the model.
+    labels: tuple[str, ...] = ()
 
     def windows(self) -> tuple[Window, ...]:
         return tuple(parse_window(f"schedule[{i}]", w) for i, w in enumerate(self.schedule))
@@ -394,6 +352,8 @@ class ModelEntry:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["tags"] = list(self.tags)
+        data["nodes"] = list(self.nodes)
+        data["labels"] = list(self.labels)
         data["options"] = dict(self.options)
         data["schedule"] = [dict(w) for w in self.schedule]
         return {k: v for k, v in data.items() if v not in (None, "", [], {}) or k == "model_id"}
@@ -434,32 +394,39 @@ def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
     values: dict[str, Any] = {"model_id": model_id}
     for name in ("display_name", "model_type", "model_path", "upstream_model"):
         if raw.get(name) is not None:
-            values[name] = _str(k(name), raw[name])
+            values[name] = check_str(k(name), raw[name])
     if raw.get("warmup") is not None:
-        values["warmup"] = _bool(k("warmup"), raw["warmup"])
+        values["warmup"] = check_bool(k("warmup"), raw["warmup"])
     if raw.get("ttl_minutes") is not None:
-        values["ttl_minutes"] = _number(k("ttl_minutes"), raw["ttl_minutes"], minimum=0)
+        values["ttl_minutes"] = check_number(k("ttl_minutes"), raw["ttl_minutes"], minimum=0)
     if raw.get("priority") is not None:
-        prio = _str(k("priority"), raw["priority"])
+        prio = check_str(k("priority"), raw["priority"])
         if prio not in PRIORITIES:
             raise ConfigError(f"{k('priority')}: {prio!r} is not one of {', '.join(PRIORITIES)}")
         values["priority"] = prio
     if raw.get("tags") is not None:
-        values["tags"] = _str_list(k("tags"), raw["tags"])
-    backend = _str(k("backend"), raw.get("backend", "ollama"))
+        values["tags"] = check_str_list(k("tags"), raw["tags"])
+    if raw.get("nodes") is not None:
+        names = check_str_list(k("nodes"), raw["nodes"])
+        values["nodes"] = tuple(
+            check_node_name(f"{k('nodes')}[{i}]", n) for i, n in enumerate(names)
+        )
+    if raw.get("labels") is not None:
+        values["labels"] = check_labels(k("labels"), raw["labels"])
+    backend = check_str(k("backend"), raw.get("backend", "ollama"))
     if backend not in BACKENDS:
         raise ConfigError(f"{k('backend')}: {backend!r} is not one of {', '.join(BACKENDS)}")
     values["backend"] = backend
     if raw.get("upstream_url"):
-        values["upstream_url"] = _url(k("upstream_url"), raw["upstream_url"])
+        values["upstream_url"] = check_url(k("upstream_url"), raw["upstream_url"])
     if backend == "openai" and not values.get("upstream_url"):
         raise ConfigError(f"{k('upstream_url')}: required for backend openai")
     if backend == "llamacpp" and not values.get("model_path"):
         raise ConfigError(f"{k('model_path')}: required for backend llamacpp")
     if raw.get("port") is not None:
-        values["port"] = _port(k("port"), raw["port"])
+        values["port"] = check_port(k("port"), raw["port"])
     if raw.get("memory_mb") is not None:
-        values["memory_mb"] = _number(k("memory_mb"), raw["memory_mb"], minimum=0)
+        values["memory_mb"] = check_number(k("memory_mb"), raw["memory_mb"], minimum=0)
     if raw.get("options") is not None:
         opts = raw["options"]
         if not isinstance(opts, Mapping) or not all(isinstance(x, str) for x in opts):
@@ -523,6 +490,14 @@ def check_registry(entries: tuple[ModelEntry, ...], settings: Settings) -> None:
                     f"models[{i}].port: {e.port} is already pinned by {ports[e.port]!r}"
                 )
             ports[e.port] = e.model_id
+    nodes = {n.name for n in settings.nodes} | ({LOCAL} if settings.local_node else set())
+    for i, e in enumerate(entries):
+        for j, name in enumerate(e.nodes):
+            if name not in nodes:
+                raise ConfigError(
+                    f"models[{i}].nodes[{j}]: {name!r} is not a node (known: "
+                    f"{', '.join(sorted(nodes))})"
+                )
     for i, w in enumerate(settings.warmup_models):
         if w not in seen:
             raise ConfigError(f"warmup_models[{i}]: {w!r} is not in the registry")

@@ -24,6 +24,7 @@ UNLOAD_REASONS: Final = (
     "crash",
     "shutdown",
     "deleted",
+    "node_lost",
     "operator",
     "config_changed",
     "memory",

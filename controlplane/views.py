@@ -29,6 +29,7 @@ def model_view(
         "backend": rec.entry.backend,
         "state": rec.state.value,
         "state_since": rec.since or None,
+        "node": rec.node if rec.state in OCCUPYING else None,
         "port": rec.port,
         "endpoint": f"http://{host}:{rec.port}" if rec.port and loaded else None,
         "program": rec.program,

@@ -24,7 +24,7 @@ from model_service.auth import KeySource, bearer_ok
 from model_service.backends import make_backend
 from model_service.backends.base import Backend, BackendError, Result
 from model_service.metrics import WorkerMetrics
-from model_service.spec import SPEC_ENV, WorkerSpec
+from model_service.spec import SPEC_DATA_ENV, SPEC_ENV, WorkerSpec
 
 log = logging.getLogger("modelpool.worker")
 VIA_HEADER = "X-Modelpool-Via"
@@ -379,9 +379,15 @@ def _respond(result: Result, on_close: Callable[[], None]) -> Response:
 
 
 def create_app_from_env() -> Flask:
-    """The gunicorn entry point: read the spec named by ``MODELPOOL_SPEC``."""
+    """The gunicorn entry point: the spec in ``MODELPOOL_SPEC_DATA`` (a worker on a node, whose
+    entry carries it) or in the file named by ``MODELPOOL_SPEC``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    data = os.environ.get(SPEC_DATA_ENV)
+    if data:
+        return create_app(WorkerSpec.decode(data))
     path = os.environ.get(SPEC_ENV)
     if not path:
-        raise SystemExit(f"{SPEC_ENV} is not set: it must name the worker's spec file")
+        raise SystemExit(
+            f"neither {SPEC_DATA_ENV} nor {SPEC_ENV} is set: one must give the worker's spec"
+        )
     return create_app(WorkerSpec.read(path))

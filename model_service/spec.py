@@ -2,11 +2,14 @@
 
 The control plane writes one spec file per loaded model and points the worker at it with the
 ``MODELPOOL_SPEC`` environment variable. Model details never travel through the supervisord
-program entry itself (a model id may contain characters that entry syntax would interpret).
+program entry's text (a model id may contain characters that entry syntax would interpret): on a
+node, whose disk the control plane does not share, the spec travels base64-encoded in the entry's
+environment (``MODELPOOL_SPEC_DATA``).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 SPEC_ENV = "MODELPOOL_SPEC"
+#: A worker on a node gets its spec in its program entry's environment: base64 of its JSON.
+SPEC_DATA_ENV = "MODELPOOL_SPEC_DATA"
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,9 @@ class WorkerSpec:
     def fingerprint(self) -> str:
         """A short hash of what the worker serves and from where.
 
-        Two specs with the same fingerprint serve the same thing: the port, the API key (which
-        a running worker re-reads) and limits such as the load timeout are left out, so only a
-        change that needs a new worker changes it.
+        Two specs with the same fingerprint serve the same thing: the port, an API key that the
+        worker re-reads from its file and limits such as the load timeout are left out, so only
+        a change that needs a new worker changes it.
         """
         served = {
             "model_id": self.model_id,
@@ -65,6 +70,10 @@ class WorkerSpec:
             "model_path": self.model_path,
             "options": self.options,
         }
+        if self.api_key and not self.api_key_file:
+            # A key carried in the spec (a worker on a node) is only read at start: a new key
+            # needs a new worker. Workers that re-read a key file keep their fingerprint.
+            served["api_key_sha256"] = hashlib.sha256(self.api_key.encode()).hexdigest()
         text = json.dumps(served, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -78,6 +87,14 @@ class WorkerSpec:
         if unknown:
             raise ValueError(f"worker spec: unknown keys {unknown}")
         return cls(**data)
+
+    def encode(self) -> str:
+        """The spec as one environment value: base64 (no ``%``, quote or comma to escape)."""
+        return base64.b64encode(json.dumps(asdict(self), sort_keys=True).encode()).decode()
+
+    @classmethod
+    def decode(cls, data: str) -> WorkerSpec:
+        return cls.from_dict(json.loads(base64.b64decode(data, validate=True)))
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> WorkerSpec:

@@ -15,6 +15,7 @@ from controlplane.adapters.worker import WorkerHealth
 from controlplane.core.states import State
 from controlplane.lifecycle import BIND_FAILED, Workers
 from controlplane.node import Node
+from controlplane.nodes import LocalNode
 from controlplane.pool import ModelPool
 from controlplane.settings import ModelEntry, parse_settings
 
@@ -32,7 +33,7 @@ class FakeSupervisor:
         spec = json.loads(self.node.paths.spec_file(program).read_text())
         return int(spec["port"])
 
-    def add_program(self, name: str) -> None:
+    def add_program(self, name: str, options: Any = None) -> None:
         assert self.node.paths.program_conf(name).exists()
 
     def start(self, name: str) -> None:
@@ -79,7 +80,7 @@ def test_a_port_taken_at_bind_time_is_retried_on_another(tmp_path: Path) -> None
     node = Node.local(tmp_path / "run", settings)
     node.paths.create()
     sup = FakeSupervisor(node, taken={9100})
-    workers = Workers(pool, node, sup, FakeProbe(sup, "m"))  # type: ignore[arg-type]
+    workers = Workers(pool, {"local": LocalNode(node, sup)}, FakeProbe(sup, "m"))  # type: ignore[arg-type]
     pool.lifecycle = workers
     rec = pool.ensure_loaded("m", timeout=20)
     assert rec.state is State.HOT and rec.port == 9101
@@ -87,7 +88,7 @@ def test_a_port_taken_at_bind_time_is_retried_on_another(tmp_path: Path) -> None
     # The second run is judged by its own output, not by the first run's bind error.
     assert BIND_FAILED in node.paths.program_log(rec.program).read_text()
     # The taken port is avoided for a while, not offered to the next model.
-    assert 9100 in pool._avoid
+    assert ("local", 9100) in pool._avoid
     workers.join(5)
 
 
@@ -97,7 +98,7 @@ def test_a_stop_waits_for_the_registry_withdrawal_hook(tmp_path: Path) -> None:
     node = Node.local(tmp_path / "run", settings)
     node.paths.create()
     sup = FakeSupervisor(node, taken=set())
-    workers = Workers(pool, node, sup, FakeProbe(sup, "m"))  # type: ignore[arg-type]
+    workers = Workers(pool, {"local": LocalNode(node, sup)}, FakeProbe(sup, "m"))  # type: ignore[arg-type]
     pool.lifecycle = workers
     order: list[Any] = []
     workers.before_stop = lambda model_id: order.append(("withdraw", dict(sup.running)))

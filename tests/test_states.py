@@ -25,6 +25,12 @@ EXPECTED = {
     (S.COOLING, E.PROCESS_EXITED): S.FAILED,
     (S.UNLOADING, E.STOPPED): S.COLD,
     (S.FAILED, E.LOAD_REQUESTED): S.WARMING,
+    # DESIGN.md "Nodes": a node unreachable for node_timeout_seconds makes its models FAILED
+    # (node_lost); one that was being unloaded is as good as stopped.
+    (S.WARMING, E.NODE_LOST): S.FAILED,
+    (S.HOT, E.NODE_LOST): S.FAILED,
+    (S.COOLING, E.NODE_LOST): S.FAILED,
+    (S.UNLOADING, E.NODE_LOST): S.COLD,
 }
 
 

@@ -1,4 +1,6 @@
-"""The one small client for supervisord's XML-RPC interface over its unix socket.
+"""The one small client for supervisord's XML-RPC interface: the stack's own over its unix
+socket (``SupervisorClient``), a node's over authenticated HTTP with ``supervisor_twiddler``
+(``TwiddlerClient``).
 
 A new connection per call: ``xmlrpc.client.ServerProxy`` keeps one connection and is not thread
 safe. Faults become domain errors here (ALREADY_STARTED / NOT_RUNNING are successes).
@@ -12,6 +14,7 @@ import threading
 import xmlrpc.client
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import quote, urlsplit
 
 # supervisor.xmlrpc.Faults, copied so that this module needs only the stdlib.
 BAD_NAME: Final = 10
@@ -36,6 +39,10 @@ class SupervisorError(Exception):
 
 class SupervisorUnavailable(SupervisorError):
     """supervisord's socket cannot be reached."""
+
+
+class SupervisorAuthError(SupervisorUnavailable):
+    """supervisord refused the username or password (HTTP 401)."""
 
 
 class UnknownProgram(SupervisorError):
@@ -101,25 +108,56 @@ class _UnixTransport(xmlrpc.client.Transport):
         return _UnixConnection(self._path, self._timeout)
 
 
+class _HttpTransport(xmlrpc.client.Transport):
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
 class SupervisorClient:
-    """supervisord's XML-RPC API, one connection per call, faults mapped to domain errors."""
+    """supervisord's XML-RPC API, one connection per call, faults mapped to domain errors.
+
+    Programs are groups of their own (``NAME:NAME``), made live from include files.
+    """
 
     def __init__(self, socket_path: str, timeout: float = 10.0) -> None:
         self.socket_path = socket_path
+        self.where = socket_path
         self.timeout = timeout
         # reloadConfig + addProcessGroup must not interleave with another writer's.
         self._config_lock = threading.Lock()
 
+    def _proxy(self, timeout: float) -> tuple[xmlrpc.client.ServerProxy, xmlrpc.client.Transport]:
+        transport = _UnixTransport(self.socket_path, timeout)
+        return xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport), transport
+
+    def qualified(self, name: str) -> str:
+        """A program's process name as supervisord's API wants it."""
+        return f"{name}:{name}"
+
     def _call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        transport = _UnixTransport(self.socket_path, timeout or self.timeout)
-        proxy = xmlrpc.client.ServerProxy("http://localhost/RPC2", transport=transport)
+        proxy, transport = self._proxy(timeout or self.timeout)
         try:
             return getattr(proxy, method)(*args)
         except xmlrpc.client.Fault as fault:
             raise _fault_error(method, args, fault) from None
-        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+        except xmlrpc.client.ProtocolError as exc:
+            if exc.errcode == 401:
+                raise SupervisorAuthError(
+                    f"supervisord at {self.where} refused the username or password "
+                    "(HTTP 401 Unauthorized): check the node's password_file"
+                ) from None
             raise SupervisorUnavailable(
-                f"supervisord is not reachable at {self.socket_path}: {exc}"
+                f"supervisord is not reachable at {self.where}: {exc}"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise SupervisorUnavailable(
+                f"supervisord is not reachable at {self.where}: {exc}"
             ) from None
         finally:
             transport.close()
@@ -137,13 +175,13 @@ class SupervisorClient:
         return [ProcessInfo.from_rpc(r) for r in self._call("supervisor.getAllProcessInfo")]
 
     def process(self, name: str) -> ProcessInfo:
-        return ProcessInfo.from_rpc(self._call("supervisor.getProcessInfo", f"{name}:{name}"))
+        return ProcessInfo.from_rpc(self._call("supervisor.getProcessInfo", self.qualified(name)))
 
     def log_tail(self, name: str, length: int = 2000) -> str:
         """The last ``length`` bytes of a program's stdout log ('' if none)."""
         try:
             text, _offset, _overflow = self._call(
-                "supervisor.tailProcessStdoutLog", f"{name}:{name}", 0, length
+                "supervisor.tailProcessStdoutLog", self.qualified(name), 0, length
             )
         except SupervisorError:
             return ""
@@ -151,8 +189,9 @@ class SupervisorClient:
 
     # --- program lifecycle --------------------------------------------------------------------
 
-    def add_program(self, name: str) -> None:
-        """Make a program whose include file was just written live (reloadConfig + add).
+    def add_program(self, name: str, options: dict[str, str] | None = None) -> None:
+        """Make a program whose include file was just written live (reloadConfig + add);
+        ``options`` are not used (they are in the file).
 
         If a stale group of the same name exists with a changed entry, it is replaced.
         """
@@ -168,20 +207,20 @@ class SupervisorClient:
     def start(self, name: str) -> None:
         """Start without waiting: RUNNING only means 'did not exit within startsecs'."""
         try:
-            self._call("supervisor.startProcess", f"{name}:{name}", False)
+            self._call("supervisor.startProcess", self.qualified(name), False)
         except _AlreadyStarted:
             pass
 
     def stop(self, name: str, timeout: float) -> None:
         """Stop and wait (supervisord sends stopsignal, then KILL after stopwaitsecs)."""
         try:
-            self._call("supervisor.stopProcess", f"{name}:{name}", True, timeout=timeout)
+            self._call("supervisor.stopProcess", self.qualified(name), True, timeout=timeout)
         except (_NotRunning, UnknownProgram):
             pass
 
     def signal(self, name: str, signame: str) -> None:
         try:
-            self._call("supervisor.signalProcess", f"{name}:{name}", signame)
+            self._call("supervisor.signalProcess", self.qualified(name), signame)
         except (_NotRunning, UnknownProgram):
             pass
 
@@ -199,6 +238,51 @@ class SupervisorClient:
 
     def shutdown(self) -> None:
         self._call("supervisor.shutdown")
+
+
+#: The process group of every model worker on a node (``[group:models]`` in its config).
+NODE_GROUP: Final = "models"
+
+
+class TwiddlerClient(SupervisorClient):
+    """A node's supervisord over HTTP with a username and password.
+
+    Workers are programs of the group ``models``, added and removed at runtime with the
+    ``supervisor_twiddler`` RPC interface: their whole entry travels in the call.
+    """
+
+    def __init__(self, url: str, username: str, password: str, timeout: float = 10.0) -> None:
+        super().__init__("", timeout)
+        parts = urlsplit(url)
+        self.where = f"{parts.scheme}://{parts.netloc}"
+        auth = f"{quote(username, safe='')}:{quote(password, safe='')}@"
+        self._url = f"{parts.scheme}://{auth}{parts.netloc}/RPC2"
+
+    def _proxy(self, timeout: float) -> tuple[xmlrpc.client.ServerProxy, xmlrpc.client.Transport]:
+        transport = _HttpTransport(timeout)
+        return xmlrpc.client.ServerProxy(self._url, transport=transport), transport
+
+    def qualified(self, name: str) -> str:
+        return f"{NODE_GROUP}:{name}"
+
+    def add_program(self, name: str, options: dict[str, str] | None = None) -> None:
+        """Add a program with the given entry options (a stale one of that name is replaced)."""
+        with self._config_lock:
+            try:
+                self._call("twiddler.addProgramToGroup", NODE_GROUP, name, options or {})
+            except UnknownProgram:  # BAD_NAME: a program of that name exists
+                self._forget(name)
+                self._call("twiddler.addProgramToGroup", NODE_GROUP, name, options or {})
+
+    def remove_program(self, name: str) -> None:
+        with self._config_lock:
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        try:
+            self._call("twiddler.removeProcessFromGroup", NODE_GROUP, name)
+        except UnknownProgram:
+            pass
 
 
 class _AlreadyStarted(SupervisorError):

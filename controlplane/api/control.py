@@ -59,6 +59,12 @@ def list_models() -> Response:
     return jsonify({"models": [pool.describe(r, now) for r in pool.records()]})
 
 
+@bp.get("/nodes")
+def list_nodes() -> Response:
+    """Every node: UP or DOWN (and why), address, memory used and limit, models."""
+    return jsonify({"nodes": service().pool.nodes_view()})
+
+
 @bp.post("/models/register")
 def register() -> tuple[Response, int]:
     entry = service().register(body(optional=False))
@@ -75,7 +81,7 @@ def model_health(model_id: str) -> Response:
     view = svc.pool.describe(rec)
     worker = None
     if rec.port is not None and view["state"] in ("WARMING", "HOT", "COOLING", "UNLOADING"):
-        health = svc.probe.health(svc.node.bind_host, rec.port, 2.0)
+        health = svc.probe.health(svc.pool.address_of(rec.node), rec.port, 2.0)
         worker = health.raw if health is not None else {"status": "unreachable"}
     return jsonify(
         {

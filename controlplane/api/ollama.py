@@ -225,7 +225,9 @@ def _serve(plan: api.Plan) -> Response:
             headers["Authorization"] = f"Bearer {pool.settings.api_key}"
         payload = json.dumps({"model": model_id, **plan.body}).encode()
         assert rec.port is not None
-        resp, done = proxy.send(svc.node.bind_host, rec.port, "POST", plan.path, payload, headers)
+        resp, done = proxy.send(
+            svc.pool.address_of(rec.node), rec.port, "POST", plan.path, payload, headers
+        )
     except WorkerUnreachable as exc:
         finish()
         raise BackendDown(f"model {model_id!r}: {exc}", retry_after=2) from None

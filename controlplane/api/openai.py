@@ -54,7 +54,7 @@ def _relay(path: str) -> Response:
         if svc.pool.settings.api_key:
             headers["Authorization"] = f"Bearer {svc.pool.settings.api_key}"
         assert rec.port is not None
-        resp, done = proxy.send(svc.node.bind_host, rec.port, "POST", path, raw, headers)
+        resp, done = proxy.send(svc.pool.address_of(rec.node), rec.port, "POST", path, raw, headers)
     except WorkerUnreachable as exc:
         svc.pool.release(model, rec.gen)
         raise BackendDown(f"model {model!r}: {exc}", retry_after=2) from None
@@ -100,6 +100,7 @@ def models() -> Response:
                 "owned_by": "modelpool",
                 "state": view["state"],
                 "endpoint": view["endpoint"],
+                "node": view["node"],
                 "backend": view["backend"],
             }
         )

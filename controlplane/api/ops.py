@@ -54,11 +54,15 @@ def ready() -> tuple[Response, int]:
 def sd_workers() -> Response:
     """Prometheus HTTP service discovery: every model worker that serves /metrics."""
     svc: PoolService = current_app.extensions["modelpool"]
-    host = svc.node.bind_host
     groups = [
         {
-            "targets": [f"{host}:{w.port}"],
-            "labels": {"model": w.model_id, "backend": w.backend, "program": w.program},
+            "targets": [f"{svc.pool.address_of(w.node)}:{w.port}"],
+            "labels": {
+                "model": w.model_id,
+                "backend": w.backend,
+                "program": w.program,
+                "node": w.node,
+            },
         }
         for w in svc.pool.loaded()
     ]

@@ -39,6 +39,8 @@ class Event(StrEnum):
     UNLOAD_REQUESTED = "UNLOAD_REQUESTED"
     #: The worker process stopped after an unload; its port is free.
     STOPPED = "STOPPED"
+    #: The worker's node has been unreachable for ``node_timeout_seconds``.
+    NODE_LOST = "NODE_LOST"
 
 
 S, E = State, Event
@@ -59,6 +61,12 @@ TRANSITIONS: Final[Mapping[tuple[State, Event], State]] = {
     (S.COOLING, E.PROCESS_EXITED): S.FAILED,
     (S.UNLOADING, E.STOPPED): S.COLD,
     (S.FAILED, E.LOAD_REQUESTED): S.WARMING,
+    # A lost node takes its workers with it: the next request loads the model elsewhere; a
+    # model that was being unloaded is as good as stopped.
+    (S.WARMING, E.NODE_LOST): S.FAILED,
+    (S.HOT, E.NODE_LOST): S.FAILED,
+    (S.COOLING, E.NODE_LOST): S.FAILED,
+    (S.UNLOADING, E.NODE_LOST): S.COLD,
 }
 
 #: States in which a model holds a port and (maybe) a process.

@@ -1,0 +1,123 @@
+"""Which node a model is loaded on: a pure function of the nodes and the models on them.
+
+Placement first filters the nodes that may take the model at all (UP, a free port, the entry's
+``nodes`` pin and ``labels``), then asks ``policy.plan_capacity`` of each: a node where the model
+fits now wins over one where it fits once idle models are evicted. Among equals the score
+decides: ``spread`` (the default) takes the node with the most free memory, ``pack`` the one with
+the least that still fits, so that whole nodes stay free; ties go to the fewest models, then to
+the node listed first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from controlplane.core.policy import CapacityPlan, ModelView, plan_capacity
+from controlplane.core.states import OCCUPYING
+
+STRATEGIES: Final = ("spread", "pack")
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What placement needs to know about one node."""
+
+    name: str
+    up: bool
+    labels: frozenset[str] = frozenset()
+    memory_limit_mb: float = 0.0  # 0: no limit
+    max_models: int = 5
+    free_ports: int = 1
+
+
+@dataclass(frozen=True)
+class Want:
+    """The model to place: its memory estimate and the entry's constraints."""
+
+    model_id: str
+    need_mb: float
+    pinned: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where to load: ``node`` with ``plan`` (ok, or evictions to start and wait for).
+
+    ``node`` is None when no node can take the model; ``reason`` says why, node by node.
+    """
+
+    node: str | None
+    plan: CapacityPlan = field(default_factory=lambda: CapacityPlan(ok=False))
+    reason: str = ""
+
+
+def eligible(node: NodeView, want: Want) -> str | None:
+    """Why ``node`` may not take ``want`` at all, or None if it may."""
+    if want.pinned and node.name not in want.pinned:
+        return "not in the entry's nodes"
+    missing = sorted(set(want.labels) - node.labels)
+    if missing:
+        return f"lacks label(s) {', '.join(missing)}"
+    if not node.up:
+        return "DOWN"
+    if node.free_ports <= 0:
+        return "no free port"
+    return None
+
+
+def _free_mb(node: NodeView, models: Sequence[ModelView]) -> float:
+    if node.memory_limit_mb <= 0:
+        return math.inf
+    used = sum(m.memory_mb for m in models if m.state in OCCUPYING)
+    return node.memory_limit_mb - used
+
+
+def place(
+    nodes: Sequence[NodeView],
+    models: Mapping[str, Sequence[ModelView]],
+    want: Want,
+    strategy: str = "spread",
+) -> Placement:
+    """The best node for ``want``; ``models`` gives the models on each node by node name."""
+    ready: list[tuple[NodeView, CapacityPlan]] = []
+    evicting: list[tuple[NodeView, CapacityPlan]] = []
+    why: list[str] = []
+    for node in nodes:
+        reason = eligible(node, want)
+        if reason is None:
+            here = models.get(node.name, ())
+            plan = plan_capacity(
+                here, want.model_id, want.need_mb, node.max_models, node.memory_limit_mb
+            )
+            if plan.ok:
+                ready.append((node, plan))
+                continue
+            if plan.evict or plan.wait:
+                evicting.append((node, plan))
+                continue
+            reason = plan.reason
+        why.append(f"{node.name}: {reason}")
+    order = {n.name: i for i, n in enumerate(nodes)}
+
+    def score(item: tuple[NodeView, CapacityPlan]) -> tuple[float, int, int]:
+        node = item[0]
+        here = models.get(node.name, ())
+        free = _free_mb(node, here)
+        count = sum(1 for m in here if m.state in OCCUPYING)
+        # spread: most free memory first; pack: least free memory first (it still fits).
+        key = -free if strategy == "spread" else free
+        return (key, count, order[node.name])
+
+    for group in (ready, evicting):
+        if group:
+            node, plan = min(group, key=score)
+            return Placement(node.name, plan)
+    if not nodes:
+        return Placement(None, reason="no node is configured")
+    if len(nodes) == 1:  # one node: its own reason, as a single-node pool says it
+        return Placement(None, reason=why[0].split(": ", 1)[1])
+    return Placement(None, reason="no node can take the model (" + "; ".join(why) + ")")
