@@ -323,8 +323,8 @@ class ModelPool(Leasing, Nodes):
 
     def try_begin_request(self, model_id: str) -> tuple[str, int, int] | None:
         """``begin_request`` for a model that is serving now, without waiting or raising:
-        (worker address, port, generation), or None when the request needs more (a load, a wait, an error).
-        Pair with ``release(model_id, gen, thread=False)``."""
+        (worker address, port, generation), or None when the request needs more (a load, a
+        wait, an error). Pair with ``release(model_id, gen, thread=False)``."""
         with self._lock:
             rec = self._records.get(model_id)
             if rec is None or rec.deleting or rec.state not in SERVING or rec.port is None:
