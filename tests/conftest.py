@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.browser import browser  # noqa: F401  (a fixture for the page's tests)
 from tests.ollama_standin import OllamaStandin
 from tests.stack import Stack
 

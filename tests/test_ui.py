@@ -18,22 +18,11 @@ from typing import Any
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Locator, Page, ViewportSize, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, ViewportSize, expect
 
 from tests.ollama_standin import OllamaStandin
 from tests.stack import Stack, wait_until
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
 #: Seconds the stand-in holds a load so that WARMING is on screen long enough to be seen.
 WARMING_HOLD = 10.0
@@ -68,20 +57,6 @@ EXTRA_STANDIN_MODELS = {"mistral:7b": 4_100_000_000}
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} not found (Debian package chromium)"
-    pw = sync_playwright().start()
-    try:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-    finally:
-        pw.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ metrics are the whole truth.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from flask import Flask
 from prometheus_client import CollectorRegistry
@@ -86,6 +87,7 @@ class PoolCollector(Collector):
             if r.state in (State.HOT, State.COOLING) and r.deadline is not None:
                 ttl.add_metric([m], max(0.0, r.deadline - now))
         yield from (state, since, requests, in_flight, leases, memory, ttl)
+        yield from self._nodes(records)
         yield from self._lifecycle()
         summary = pool.summary()
         s = pool.settings
@@ -115,6 +117,43 @@ class PoolCollector(Collector):
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
+
+    def _nodes(self, records: list[Any]) -> Iterator[Metric]:
+        """Per node: up, memory used and limit, models; and which node each model is on."""
+        up = GaugeMetricFamily(
+            "modelpool_node_up", "1 if the node's supervisord answers", labels=["node"]
+        )
+        used = GaugeMetricFamily(
+            "modelpool_node_memory_used_bytes", "Memory held by models on the node", labels=["node"]
+        )
+        limit = GaugeMetricFamily(
+            "modelpool_node_memory_limit_bytes",
+            "The node's memory_limit_mb in bytes (0: no limit)",
+            labels=["node"],
+        )
+        models = GaugeMetricFamily(
+            "modelpool_node_models",
+            "Models loaded on the node (any state but COLD/FAILED)",
+            labels=["node"],
+        )
+        slots = GaugeMetricFamily(
+            "modelpool_node_max_models", "The node's max_concurrent_models", labels=["node"]
+        )
+        for n in self.svc.pool.nodes_view():
+            up.add_metric([n["name"]], 1.0 if n["state"] == "UP" else 0.0)
+            used.add_metric([n["name"]], n["memory_used_mb"] * MB)
+            limit.add_metric([n["name"]], n["memory_limit_mb"] * MB)
+            models.add_metric([n["name"]], len(n["models"]))
+            slots.add_metric([n["name"]], n["max_concurrent_models"])
+        placed = GaugeMetricFamily(
+            "modelpool_model_node",
+            "1 for the node each loaded model's worker runs on",
+            labels=["model", "node"],
+        )
+        for r in records:
+            if r.state in OCCUPYING and r.node is not None:
+                placed.add_metric([r.entry.model_id, r.node], 1.0)
+        yield from (up, used, limit, models, slots, placed)
 
     def _lifecycle(self) -> Iterator[Metric]:
         # Every registered model gets every series from the start (at 0), so that rate() and

@@ -240,14 +240,44 @@
     return clockOffset;
   }
 
+  const nodeHeads = new Map(); // node name -> its group's header row
+
+  function nodeHead(name, node) {
+    let tr = nodeHeads.get(name);
+    if (!tr) {
+      tr = el("tr", { class: "node-group", dataset: { node: name } }, el("th", { colspan: 9, scope: "colgroup" }));
+      nodeHeads.set(name, tr);
+    }
+    const cell = tr.firstChild;
+    if (!node) {
+      cell.textContent = "Not loaded";
+      return tr;
+    }
+    const limit = node.memory_limit_mb ? ` of ${fmtMB(node.memory_limit_mb)}` : "";
+    const parts = [
+      `Node ${name}`,
+      node.state,
+      node.address,
+      `${node.models.length}/${node.max_concurrent_models} models`,
+      `${fmtMB(node.memory_used_mb)}${limit}`,
+    ];
+    if (node.labels.length) parts.push(node.labels.join(", "));
+    if (node.last_error) parts.push(node.last_error);
+    cell.textContent = parts.join(" · ");
+    tr.classList.toggle("down", node.state !== "UP");
+    return tr;
+  }
+
   async function loadModels() {
     const started = performance.now();
-    const resp = await api("GET", "/models");
+    const [resp, nodesResp] = await Promise.all([api("GET", "/models"), api("GET", "/nodes")]);
     const receivedAt = Date.now();
     const models = (resp.data && resp.data.models) || [];
+    const nodes = (nodesResp.data && nodesResp.data.nodes) || [];
     clockOffset = estimateOffset(models, resp, receivedAt);
     const seen = new Set();
-    models.forEach((m, index) => {
+    const order = [];
+    models.forEach((m) => {
       seen.add(m.model_id);
       let row = rows.get(m.model_id);
       if (!row) {
@@ -256,7 +286,35 @@
       }
       // An action's answer that arrived after this poll started is newer: keep it.
       if (row.directAt <= started) updateRow(row, m, receivedAt);
-      if (tbody.children[index] !== row.tr) tbody.insertBefore(row.tr, tbody.children[index]);
+    });
+    // With more than one node, models are grouped under their node (unloaded ones last).
+    const grouped = nodes.length > 1;
+    const shown = new Set();
+    if (grouped) {
+      for (const node of nodes) {
+        const here = models.filter((m) => m.node === node.name);
+        if (!here.length && !node.placeable) continue;
+        order.push(nodeHead(node.name, node));
+        shown.add(node.name);
+        here.forEach((m) => order.push(rows.get(m.model_id).tr));
+      }
+      const rest = models.filter((m) => !m.node || !shown.has(m.node));
+      if (rest.length) {
+        order.push(nodeHead("", null));
+        shown.add("");
+        rest.forEach((m) => order.push(rows.get(m.model_id).tr));
+      }
+    } else {
+      models.forEach((m) => order.push(rows.get(m.model_id).tr));
+    }
+    for (const [name, tr] of nodeHeads) {
+      if (!shown.has(name)) {
+        tr.remove();
+        nodeHeads.delete(name);
+      }
+    }
+    order.forEach((tr, index) => {
+      if (tbody.children[index] !== tr) tbody.insertBefore(tr, tbody.children[index]);
     });
     for (const [id, row] of rows) {
       if (!seen.has(id)) {

@@ -1,0 +1,387 @@
+"""Nodes: one control plane, three node supervisords on their own loopback addresses.
+
+Each node is started with ``modelpool node up`` on 127.0.0.2, .3 and .4 (all of 127.0.0.0/8 is
+loopback on Linux, so all three use the same worker ports) and has an Ollama stand-in of its
+own on its address. The control plane (on 127.0.0.1) keeps no model on its own supervisord
+(``local_node: false``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+from playwright.sync_api import Browser, expect
+
+from tests.ollama_standin import OllamaStandin
+from tests.stack import ROOT, Stack, processes_mentioning, wait_until
+
+MIB = 1024 * 1024
+NODE_TIMEOUT = 3.0
+PASSWORD = "node-pass-7f3a"
+#: n3 has the most memory: it takes models first, and pinned models can prefer it.
+NODES = {"n2": ("127.0.0.2", 4000), "n3": ("127.0.0.3", 6000), "n4": ("127.0.0.4", 4000)}
+MODELS = {f"m{i}:1b": 1000 * MIB for i in range(1, 5)} | {"x:1b": 500 * MIB, "y:1b": 500 * MIB}
+
+
+def _free_on_all(hosts: list[str], n: int) -> int:
+    """The first of ``n`` consecutive ports bindable on every one of ``hosts``."""
+    for base in range(21000, 31000, 97):
+        ok = True
+        for host in hosts:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        s.bind((host, port))
+                    except OSError:
+                        ok = False
+                        break
+            if not ok:
+                break
+        if ok:
+            return base
+    raise RuntimeError("no port block free on every node address")
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "controlplane.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
+    return proc
+
+
+class Nodes:
+    """Three nodes and their stand-ins, plus a fourth supervisord whose password is wrong."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="mp-nodes-", dir="/tmp"))
+        self.password_file = self.root / "password"
+        self.password_file.write_text(PASSWORD + "\n")
+        self.password_file.chmod(0o600)
+        self.wrong_file = self.root / "wrong"
+        self.wrong_file.write_text("not-the-password\n")
+        self.wrong_file.chmod(0o600)
+        hosts = [h for h, _ in NODES.values()] + ["127.0.0.5"]
+        # The XML-RPC port, then the workers' ports: the same numbers on every node address.
+        self.rpc_port = _free_on_all(hosts, 8)
+        self.worker_base = self.rpc_port + 1
+        self.standins: dict[str, OllamaStandin] = {}
+
+    def run_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def url(self, name: str) -> str:
+        host = NODES[name][0] if name in NODES else "127.0.0.5"
+        return f"http://{host}:{self.rpc_port}"
+
+    def up(self, name: str) -> None:
+        host = NODES[name][0] if name in NODES else "127.0.0.5"
+        cli(
+            "node",
+            "up",
+            "--name",
+            name,
+            "--listen",
+            f"{host}:{self.rpc_port}",
+            "--run-dir",
+            str(self.run_dir(name)),
+            "--password-file",
+            str(self.password_file),
+        )
+
+    def pid(self, name: str) -> int:
+        return int((self.run_dir(name) / "supervisord.pid").read_text())
+
+    def rpc(self, name: str, password: str = PASSWORD) -> Any:
+        host = self.url(name).removeprefix("http://")
+        return xmlrpc.client.ServerProxy(f"http://modelpool:{password}@{host}/RPC2")
+
+    def programs(self, name: str) -> list[dict[str, Any]]:
+        return list(self.rpc(name).supervisor.getAllProcessInfo())
+
+    def config(self) -> list[dict[str, Any]]:
+        entries = [
+            {
+                "name": name,
+                "url": self.url(name),
+                "password_file": str(self.password_file),
+                "address": host,
+                "port_range": {"start": self.worker_base, "end": self.worker_base + 6},
+                "memory_limit_mb": memory,
+                "max_concurrent_models": 4,
+                "ollama_base_url": self.standins[name].url,
+                "labels": ["big"] if name == "n3" else [],
+            }
+            for name, (host, memory) in NODES.items()
+        ]
+        entries.append(
+            {
+                "name": "wrongpw",
+                "url": self.url("wrongpw"),
+                "password_file": str(self.wrong_file),
+                "address": "127.0.0.5",
+                "port_range": {"start": self.worker_base, "end": self.worker_base + 6},
+            }
+        )
+        return entries
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[Nodes]:
+    ns = Nodes()
+    try:
+        for name, (host, _) in NODES.items():
+            ns.standins[name] = OllamaStandin(host=host, models=MODELS, load_delay=0.1).start()
+        for name in [*NODES, "wrongpw"]:
+            ns.up(name)
+        yield ns
+    finally:
+        for name in [*NODES, "wrongpw"]:
+            if (ns.run_dir(name) / "supervisord.pid").exists():
+                cli("node", "down", "--run-dir", str(ns.run_dir(name)), check=False)
+        for standin in ns.standins.values():
+            standin.stop()
+        leaked = processes_mentioning(str(ns.root))
+        for pid, _ in leaked:
+            os.kill(pid, signal.SIGKILL)
+        assert not leaked, f"node processes left running: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def stack(nodes: Nodes) -> Iterator[Stack]:
+    models = [
+        *({"model_id": m} for m in sorted(MODELS) if m.startswith("m")),
+        {"model_id": "pinned:1b", "upstream_model": "m1:1b", "nodes": ["n4"]},
+        {"model_id": "labelled:1b", "upstream_model": "m2:1b", "labels": ["big"]},
+        {"model_id": "x:1b", "nodes": ["n3"]},
+        {"model_id": "y:1b", "nodes": ["n3", "n2"]},
+    ]
+    settings = {
+        "local_node": False,
+        "node_timeout_seconds": NODE_TIMEOUT,
+        "nodes": nodes.config(),
+        "default_memory_mb": 1000,
+    }
+    st = Stack(models, settings)
+    yield from st.running()
+
+
+def node_table(stack: Stack) -> dict[str, dict[str, Any]]:
+    return {n["name"]: n for n in stack.get("/nodes").json()["nodes"]}
+
+
+def chat(stack: Stack, model: str) -> requests.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    return stack.post("/v1/chat/completions", body)
+
+
+def unload_all(stack: Stack) -> None:
+    for m in stack.get("/models").json()["models"]:
+        if m["state"] in ("HOT", "COOLING"):
+            stack.post(f"/models/{m['model_id']}/unload", {"wait": True, "force": True})
+
+
+def test_models_spread_by_free_memory_and_are_served_on_every_node(
+    nodes: Nodes, stack: Stack
+) -> None:
+    wait_until(lambda: all(node_table(stack)[n]["state"] == "UP" for n in NODES), 10)
+    placed: dict[str, str] = {}
+    for model in ("m1:1b", "m2:1b", "m3:1b", "m4:1b"):
+        table = node_table(stack)
+        free = {
+            n: (table[n]["memory_limit_mb"] - table[n]["memory_used_mb"], len(table[n]["models"]))
+            for n in NODES
+        }
+        expected = min(NODES, key=lambda n: (-free[n][0], free[n][1], list(NODES).index(n)))
+        m = stack.load(model)
+        assert m["node"] == expected, (model, free, m)
+        host = NODES[expected][0]
+        assert m["endpoint"] == f"http://{host}:{m['port']}"
+        placed[model] = expected
+    assert set(placed.values()) == set(NODES)  # all three nodes hold a model
+    for model, node in placed.items():
+        for standin in nodes.standins.values():
+            standin.clear_calls()
+        resp = chat(stack, model)
+        assert resp.status_code == 200, resp.text
+        # The request went through 8050 to the worker on that node, and to its own Ollama.
+        assert nodes.standins[node].calls_to("/api/chat") or nodes.standins[node].calls
+        others = [n for n in NODES if n != node]
+        assert not any(nodes.standins[n].calls for n in others), model
+    table = node_table(stack)
+    for node in NODES:
+        assert sorted(m for m, n in placed.items() if n == node) == table[node]["models"]
+    listed = {m["id"]: m for m in stack.get("/v1/models").json()["data"]}
+    assert listed["m1:1b"]["node"] == placed["m1:1b"]
+
+
+def test_pinned_and_labelled_models_land_on_their_nodes(nodes: Nodes, stack: Stack) -> None:
+    assert stack.load("pinned:1b")["node"] == "n4"
+    assert stack.load("labelled:1b")["node"] == "n3"
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "supervisor.supervisorctl",
+            "-s",
+            nodes.url("n4"),
+            "-u",
+            "modelpool",
+            "-p",
+            PASSWORD,
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    program = stack.model("pinned:1b")["program"]
+    assert f"models:{program}" in status.stdout and "RUNNING" in status.stdout, status.stdout
+    out = cli("--url", stack.url, "nodes").stdout
+    assert "n4" in out and "UP" in out and "127.0.0.4" in out, out
+
+
+def test_node_xmlrpc_listens_on_its_address_only_and_needs_the_password(nodes: Nodes) -> None:
+    for name, (host, _) in NODES.items():
+        conns = psutil.Process(nodes.pid(name)).net_connections(kind="inet")
+        listening = {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
+        assert listening == {(host, nodes.rpc_port)}, (name, listening)
+    anonymous = requests.post(f"{nodes.url('n2')}/RPC2", data=b"<methodCall/>", timeout=5)
+    assert anonymous.status_code == 401
+    with pytest.raises(xmlrpc.client.ProtocolError) as info:
+        nodes.rpc("n2", "wrong").supervisor.getState()
+    assert info.value.errcode == 401
+    # A node is never started on every interface, nor without a private password file.
+    other = nodes.root / "other"
+    base = ["node", "up", "--name", "z", "--run-dir", str(other)]
+    wildcard = cli(
+        *base, "--listen", "0.0.0.0:1", "--password-file", str(nodes.password_file), check=False
+    )
+    assert wildcard.returncode != 0 and "own address" in wildcard.stderr
+    missing = cli(*base, "--listen", "127.0.0.9:1", "--password-file", "/nonexistent", check=False)
+    assert missing.returncode != 0 and "--password-file" in missing.stderr
+    shared = nodes.root / "shared"
+    shared.write_text("pw\n")
+    shared.chmod(0o644)
+    readable = cli(*base, "--listen", "127.0.0.9:1", "--password-file", str(shared), check=False)
+    assert readable.returncode != 0 and "chmod 600" in readable.stderr
+    assert not other.exists()
+
+
+def test_a_wrong_password_leaves_the_node_down_with_an_error_that_says_so(stack: Stack) -> None:
+    wrong = node_table(stack)["wrongpw"]
+    assert wrong["state"] == "DOWN"
+    assert "401" in wrong["last_error"] and "password" in wrong["last_error"]
+    assert wrong["models"] == []
+
+
+def test_a_node_cut_off_then_back_keeps_its_workers_unless_moved(
+    nodes: Nodes, stack: Stack
+) -> None:
+    unload_all(stack)
+    x, y = stack.load("x:1b"), stack.load("y:1b")
+    assert x["node"] == "n3" and y["node"] == "n3"
+    pid = nodes.pid("n3")
+    os.kill(pid, signal.SIGSTOP)  # its workers keep running; the node no longer answers
+    try:
+        began = time.monotonic()
+        wait_until(lambda: node_table(stack)["n3"]["state"] == "DOWN", NODE_TIMEOUT + 5)
+        assert time.monotonic() - began <= NODE_TIMEOUT + 3
+        lost = stack.model("x:1b")
+        assert lost["state"] == "FAILED" and "node n3 lost" in lost["last_error"]
+        assert chat(stack, "y:1b").status_code == 200  # loaded again, on n2
+        assert stack.model("y:1b")["node"] == "n2"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: node_table(stack)["n3"]["state"] == "UP", 10)
+    back = stack.wait_state("x:1b", "HOT", timeout=10)
+    assert back["node"] == "n3" and back["pid"] == x["pid"]  # adopted, not restarted
+    # y's old worker on n3 is stopped: y runs once, on n2.
+    wait_until(lambda: not psutil.pid_exists(y["pid"]), 15)
+    assert stack.model("y:1b")["node"] == "n2"
+    names = [p["name"] for p in nodes.programs("n3") if p["statename"] == "RUNNING"]
+    assert names == [x["program"]]
+    assert chat(stack, "x:1b").status_code == 200
+
+
+def test_losing_a_node_moves_its_models_and_its_return_makes_no_duplicate(
+    nodes: Nodes, stack: Stack
+) -> None:
+    unload_all(stack)
+    # n3 (6000 MB) takes m1, x and m2 (most free memory), then m3 goes to n2.
+    for model in ("m1:1b", "x:1b", "m2:1b", "m3:1b"):
+        stack.load(model)
+    placed = {m: stack.model(m)["node"] for m in ("m1:1b", "x:1b", "m2:1b", "m3:1b")}
+    victim = placed["m3:1b"]
+    assert victim != "n3", placed
+    survivors = {m: stack.model(m) for m, n in placed.items() if n != victim}
+    assert survivors
+    # SIGKILL the node's supervisord and every worker under it.
+    sup = psutil.Process(nodes.pid(victim))
+    tree = [sup, *sup.children(recursive=True)]
+    for proc in tree:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=5)
+    began = time.monotonic()
+    wait_until(lambda: node_table(stack)[victim]["state"] == "DOWN", NODE_TIMEOUT + 5)
+    assert time.monotonic() - began <= NODE_TIMEOUT + 3
+    lost = [m for m, n in placed.items() if n == victim]
+    for model in lost:
+        rec = stack.model(model)
+        assert rec["state"] == "FAILED" and f"node {victim} lost" in rec["last_error"]
+    for model in lost:  # the next request loads it on another node
+        assert chat(stack, model).status_code == 200
+        assert stack.model(model)["node"] not in (victim, None)
+    for model, before in survivors.items():  # nothing lost elsewhere
+        now = stack.model(model)
+        assert now["state"] == "HOT" and now["pid"] == before["pid"], model
+    nodes.up(victim)
+    wait_until(lambda: node_table(stack)[victim]["state"] == "UP", 10)
+    time.sleep(1.5)  # a monitor pass or two
+    assert nodes.programs(victim) == []  # no duplicate worker
+    for model in lost:
+        assert stack.model(model)["node"] != victim
+        assert chat(stack, model).status_code == 200
+
+
+def test_the_page_groups_models_by_node(nodes: Nodes, stack: Stack, browser: Browser) -> None:
+    unload_all(stack)
+    stack.load("x:1b")
+    stack.load("pinned:1b")
+    page = browser.new_page()
+    try:
+        page.goto(stack.url + "/ui")
+        heads = page.locator("tr.node-group")
+        expect(heads.filter(has_text="Node n3")).to_contain_text("UP · 127.0.0.3 · 1/4 models")
+        expect(heads.filter(has_text="Node wrongpw")).to_have_count(1)
+        expect(heads.filter(has_text="Node wrongpw")).to_contain_text("401")
+        expect(heads.filter(has_text="Not loaded")).to_have_count(1)
+        names = page.locator("#models-body > tr").evaluate_all(
+            "rows => rows.map(r => r.dataset.node !== undefined ? '#' + r.dataset.node"
+            " : r.querySelector('.model-name').textContent)"
+        )
+        # Each loaded model right under its node's header; the rest under "Not loaded".
+        assert names[names.index("#n3") + 1] == "x:1b", names
+        assert names[names.index("#n4") + 1] == "pinned:1b", names
+        assert names.index("#") > names.index("#n4") and "m1:1b" in names[names.index("#") :]
+    finally:
+        page.close()
