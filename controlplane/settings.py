@@ -208,7 +208,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting("api_key", _api_key, "bearer token required by the API; empty = no auth"),
     Setting("nodes", parse_nodes, "remote nodes (supervisord hosts) for workers", restart=True),
-    Setting("local_node", check_bool, "load models on the stack's own supervisord too", True),
+    Setting("local_node", check_bool, "load models on the stack's own supervisord too"),
     Setting("node_timeout_seconds", _num(1, DAY_SECONDS), "unreachable this long: node DOWN"),
     Setting("placement", _choice(STRATEGIES), "spread (most free memory) or pack"),
     Setting("public_paths", _paths, "paths that need no api_key; a trailing * matches a prefix"),

@@ -62,6 +62,12 @@ DOCUMENTED_METRICS: dict[str, MetricDoc] = {
     "modelpool_memory_limit_bytes": _doc("gauge"),
     "modelpool_memory_used_bytes": _doc("gauge"),
     "modelpool_supervisord_up": _doc("gauge"),
+    "modelpool_node_up": _doc("gauge", "node"),
+    "modelpool_node_memory_used_bytes": _doc("gauge", "node"),
+    "modelpool_node_memory_limit_bytes": _doc("gauge", "node"),
+    "modelpool_node_models": _doc("gauge", "node"),
+    "modelpool_node_max_models": _doc("gauge", "node"),
+    "modelpool_model_node": _doc("gauge", "model", "node"),
     "modelpool_http_request_duration_seconds": _doc("histogram", "method", "status", "url_rule"),
     "modelpool_http_request_total": _doc("counter", "method", "status"),
     # model workers, job "modelpool-workers"
@@ -83,6 +89,7 @@ SYNTHETIC_METRICS = {"up"}
 EXPECTED_ALERTS = {
     "ModelPoolDown": "critical",
     "SupervisordDown": "critical",
+    "NodeDown": "critical",
     "ModelStuckWarming": "warning",
     "ModelStuckUnloading": "warning",
     "LoadFailuresRising": "warning",
@@ -429,6 +436,17 @@ ALERT_CASES: list[dict[str, Any]] = [
         "alert_rule_test": [
             _expect("SupervisordDown", "0m"),
             _expect("SupervisordDown", "5m", CP),
+        ],
+    },
+    {
+        "input_series": [
+            _series("modelpool_node_up", {**CP, "node": "gpu-a"}, "1 0x15"),
+            _series("modelpool_node_up", {**CP, "node": "gpu-b"}, "1x15"),
+            _series("modelpool_node_up", {**CP2, "node": "local"}, "1x15"),
+        ],
+        "alert_rule_test": [
+            _expect("NodeDown", "0m"),
+            _expect("NodeDown", "5m", {**CP, "node": "gpu-a"}),
         ],
     },
     {

@@ -462,15 +462,21 @@ CROSS_FIELD_RULES: dict[tuple[str, str], tuple[str, ...]] = {
         r"^port_range\.end: \d+ is below port_range\.start ",
         r"^warmup_models\[\d+\]: .* is not in the registry$",
         r"^models\[\d+\]\.port: \d+ is outside port_range ",
+        r"^local_node: false needs at least one entry in nodes$",
+        r"^nodes\[\d+\]\.(name|url): .* is already node \d+$",
+        r"^nodes\[\d+\]\.port_range\.end: \d+ is below nodes\[\d+\]\.port_range\.start ",
+        r"^models\[\d+\]\.nodes\[\d+\]: .* is not a node ",
     ),
     ("POST", "/models/register"): (
         r"^models\[\d+\]\.port: \d+ is (outside port_range|already pinned by) ",
         r"^model\.schedule\[\d+\]\.end: .* equals start: the window is empty$",
+        r"^models\[\d+\]\.nodes\[\d+\]: .* is not a node ",
     ),
     ("PUT", "/models/{model_id}"): (
         r"^model\.model_id: .* differs from the path's ",
         r"^models\[\d+\]\.port: \d+ is (outside port_range|already pinned by) ",
         r"^model\.schedule\[\d+\]\.end: .* equals start: the window is empty$",
+        r"^models\[\d+\]\.nodes\[\d+\]: .* is not a node ",
     ),
     # What a model honours depends on its backend (the front door's descriptions say so).
     **{
