@@ -186,8 +186,14 @@ class RemoteNode(WorkerNode):
     def spec(self, entry: ModelEntry, settings: Settings, port: int) -> WorkerSpec:
         # The key travels in the spec: a rotation gives workers on nodes a new fingerprint,
         # so they are drained and loaded again with it.
+        # A relative model_path is the node's own: its worker runs in the node's project dir.
         base = build_spec(entry, settings, port, "")
-        return replace(base, ollama_base_url=self.config.ollama_base_url, api_key=settings.api_key)
+        return replace(
+            base,
+            ollama_base_url=self.config.ollama_base_url,
+            api_key=settings.api_key,
+            model_path=entry.model_path,
+        )
 
     def program_options(
         self, program: str, port: int, spec: WorkerSpec, graceful: float
