@@ -296,7 +296,7 @@ class Workers(Lifecycle):
             if removed:
                 self.pool.stopped(model_id, gen)
             else:
-                self.pool.set_busy(model_id, gen, False)  # the reaper tries again
+                self.pool.stop_failed(model_id, gen)  # the reaper tries again
 
     def _hurry(self, model_id: str, gen: int) -> None:
         """Cut the drain of a worker that is already stopping (a forced unload)."""

@@ -3,45 +3,19 @@ concept reads in one sitting. The rules are pure, in ``controlplane.core.leases`
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Callable
-from typing import Protocol
 
 from controlplane.core import leases
 from controlplane.core.leases import Lease
 from controlplane.core.states import SERVING
 from controlplane.errors import InvalidInput, UnknownLease
-from controlplane.records import Record
-
-
-class _Pool(Protocol):
-    """What the lease methods use of ``ModelPool``."""
-
-    _lock: threading.Lock
-    _records: dict[str, Record]
-    _version: int
-    clock: Callable[[], float]
-    on_change: Callable[[], None]
-
-    def _get(self, model_id: str) -> Record: ...
-
-    def ensure_loaded(
-        self,
-        model_id: str,
-        timeout: float | None = None,
-        *,
-        manual: bool = False,
-        wait: bool = True,
-    ) -> Record: ...
-
-    def touch(self, rec: Record, at: float) -> None: ...
+from controlplane.pool_parts import PoolParts
 
 
 class Leasing:
     """Lease methods of ``ModelPool`` (a mixin: ``self`` is the pool)."""
 
-    def add_lease(self: _Pool, model_id: str, seconds: object, holder: object) -> Lease:
+    def add_lease(self: PoolParts, model_id: str, seconds: object, holder: object) -> Lease:
         """Hold ``model_id`` for ``seconds``; a COLD model starts loading, as for a request.
 
         Raises InvalidInput, UnknownModel, and what a load raises (NoCapacity, LoadFailed).
@@ -62,7 +36,7 @@ class Leasing:
         self.on_change()
         return lease
 
-    def renew_lease(self: _Pool, model_id: str, lease_id: str, seconds: object) -> Lease:
+    def renew_lease(self: PoolParts, model_id: str, lease_id: str, seconds: object) -> Lease:
         """Move a live lease's end to now + ``seconds``; a lapsed one is gone (UnknownLease)."""
         try:
             length = leases.check_seconds(seconds)
@@ -80,7 +54,7 @@ class Leasing:
         self.on_change()
         return lease
 
-    def end_lease(self: _Pool, model_id: str, lease_id: str) -> None:
+    def end_lease(self: PoolParts, model_id: str, lease_id: str) -> None:
         """Release a lease; the model's TTL runs from now if it was the last one."""
         with self._lock:
             rec = self._get(model_id)
@@ -91,7 +65,7 @@ class Leasing:
                 self.touch(rec, self.clock())
         self.on_change()
 
-    def _lapse_leases(self: _Pool, now: float) -> None:
+    def _lapse_leases(self: PoolParts, now: float) -> None:
         """Drop leases past their end (lock held); a model's TTL runs from its last lapse."""
         for rec in self._records.values():
             if not rec.leases:

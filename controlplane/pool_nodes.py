@@ -8,18 +8,17 @@ surviving workers adopted, unless their model was loaded elsewhere meanwhile.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from controlplane.core import leases, placement
+from controlplane.core.chores import Chore, ChoreEvent
 from controlplane.core.policy import ModelView
 from controlplane.core.states import OCCUPYING, Event, State
 from controlplane.nodeconfig import LOCAL, NodeConfig
+from controlplane.pool_parts import PoolParts
 from controlplane.records import Record
-from controlplane.settings import Settings
-from controlplane.stats import PoolStats
 
 #: supervisord states of a worker that may be adopted.
 ADOPTABLE = frozenset({"STARTING", "RUNNING"})
@@ -53,45 +52,20 @@ class NodeSlot:
         return self.config is None
 
 
-class _Pool(Protocol):
-    _lock: threading.Lock
-    _changed: threading.Condition
-    _records: dict[str, Record]
-    _nodes: dict[str, NodeSlot]
-    _avoid: dict[tuple[str, int], float]
-    settings: Settings
-    stats: PoolStats
-    clock: Callable[[], float]
-    on_change: Callable[[], None]
-
-    def _views(self) -> list[ModelView]: ...
-    def _apply(self, rec: Record, event: Event, reason: str) -> State: ...
-    def _forget_process(self, rec: Record) -> None: ...
-    def _estimate(self, rec: Record) -> float: ...
-    def _new_generation(self, rec: Record) -> None: ...
-    def _start_load(self, rec: Record, adopt: bool) -> None: ...
-    def _node_limits(self, slot: NodeSlot) -> tuple[int, int, float, int]: ...
-    def _placeable(self) -> list[NodeSlot]: ...
-    def _node_views(self) -> list[placement.NodeView]: ...
-    def _models_by_node(self) -> dict[str, list[ModelView]]: ...
-    def _lose(self, rec: Record, slot: NodeSlot, error: str) -> None: ...
-    def address_of(self, node: str | None) -> str: ...
-
-
 class Nodes:
     """Node methods of ``ModelPool`` (a mixin: ``self`` is the pool)."""
 
-    def configure_nodes(self: _Pool, configs: Iterable[NodeConfig]) -> None:
+    def configure_nodes(self: PoolParts, configs: Iterable[NodeConfig]) -> None:
         """The remote nodes (the local one always exists); each is DOWN until first contact."""
         with self._lock:
             for c in configs:
                 self._nodes[c.name] = NodeSlot(c.name, c, up=False, error="not contacted yet")
 
-    def remote_nodes(self: _Pool) -> list[str]:
+    def remote_nodes(self: PoolParts) -> list[str]:
         with self._lock:
             return [n for n, slot in self._nodes.items() if not slot.local]
 
-    def _node_limits(self: _Pool, slot: NodeSlot) -> tuple[int, int, float, int]:
+    def _node_limits(self: PoolParts, slot: NodeSlot) -> tuple[int, int, float, int]:
         """(first port, last port, memory_limit_mb, max_concurrent_models) of a node."""
         if slot.config is None:
             s = self.settings
@@ -99,18 +73,18 @@ class Nodes:
         c = slot.config
         return c.port_range.start, c.port_range.end, c.memory_limit_mb, c.max_concurrent_models
 
-    def address_of(self: _Pool, node: str | None) -> str:
+    def address_of(self: PoolParts, node: str | None) -> str:
         """Where a node's workers listen (the local node: ``bind_host``)."""
         slot = self._nodes.get(node or LOCAL)
         if slot is None or slot.config is None:
             return self.settings.bind_host
         return slot.config.address
 
-    def _placeable(self: _Pool) -> list[NodeSlot]:
+    def _placeable(self: PoolParts) -> list[NodeSlot]:
         """The nodes models may be loaded on, in config order (the local node first)."""
         return [s for s in self._nodes.values() if not s.local or self.settings.local_node]
 
-    def _models_by_node(self: _Pool) -> dict[str, list[ModelView]]:
+    def _models_by_node(self: PoolParts) -> dict[str, list[ModelView]]:
         node_of = {m: r.node for m, r in self._records.items()}
         grouped: dict[str, list[ModelView]] = {}
         for view in self._views():
@@ -119,7 +93,7 @@ class Nodes:
                 grouped.setdefault(node, []).append(view)
         return grouped
 
-    def _node_views(self: _Pool) -> list[placement.NodeView]:
+    def _node_views(self: PoolParts) -> list[placement.NodeView]:
         now = self.clock()
         views = []
         for slot in self._placeable():
@@ -131,18 +105,18 @@ class Nodes:
             views.append(placement.NodeView(slot.name, slot.up, labels, memory, max_models, free))
         return views
 
-    def _place(self: _Pool, rec: Record, need_mb: float) -> placement.Placement:
+    def _place(self: PoolParts, rec: Record, need_mb: float) -> placement.Placement:
         want = placement.Want(rec.entry.model_id, need_mb, rec.entry.nodes, rec.entry.labels)
         return placement.place(
             self._node_views(), self._models_by_node(), want, self.settings.placement
         )
 
-    def _any_node_up(self: _Pool) -> bool:
+    def _any_node_up(self: PoolParts) -> bool:
         return any(s.up for s in self._placeable())
 
     # --- what the node monitors report --------------------------------------------------------
 
-    def node_reachable(self: _Pool, name: str, programs: dict[str, tuple[str, int]]) -> bool:
+    def node_reachable(self: PoolParts, name: str, programs: dict[str, tuple[str, int]]) -> bool:
         """The node answered with ``programs`` (name -> (supervisord state, pid)).
 
         A node that was DOWN (or not contacted yet) is UP again: workers it lost that still run
@@ -165,8 +139,7 @@ class Nodes:
                     or rec.deleting
                     or rec.program != program
                     or rec.state not in (State.COLD, State.FAILED)
-                    or rec.busy
-                    or rec.needs_cleanup
+                    or rec.chore is not Chore.NONE
                     or state not in ADOPTABLE
                 ):
                     continue
@@ -177,7 +150,7 @@ class Nodes:
                 rec.restore_deadline = lost.deadline
                 if lost.leases is not None:
                     rec.leases = leases.restore(lost.leases, now)
-                rec.adopting = True
+                self._chore(rec, ChoreEvent.ADOPTION_STARTED)
                 self._apply(rec, Event.LOAD_REQUESTED, "adopt")
                 self._start_load(rec, adopt=True)
             slot.lost.clear()
@@ -185,7 +158,7 @@ class Nodes:
         self.on_change()
         return True
 
-    def node_unreachable(self: _Pool, name: str, error: str) -> bool:
+    def node_unreachable(self: PoolParts, name: str, error: str) -> bool:
         """The node did not answer; DOWN once unreachable for ``node_timeout_seconds`` (a node
         never reached is DOWN at once). Returns whether it went DOWN now."""
         with self._lock:
@@ -207,7 +180,7 @@ class Nodes:
         self.on_change()
         return True
 
-    def _lose(self: _Pool, rec: Record, slot: NodeSlot, error: str) -> None:
+    def _lose(self: PoolParts, rec: Record, slot: NodeSlot, error: str) -> None:
         """A model whose worker was on a lost node (lock held): FAILED (``node_lost``), with no
         backoff, so the next request loads it on another node; UNLOADING ends COLD."""
         if rec.port is not None:
@@ -219,7 +192,7 @@ class Nodes:
                 [x.view() for x in rec.leases.values()],
             )
         rec.last_error = f"node {slot.name} lost: {error}"
-        rec.busy = rec.needs_cleanup = rec.adopting = False
+        self._chore(rec, ChoreEvent.NODE_LOST)
         rec.retry_at = 0.0
         if rec.state in OCCUPYING:
             self.stats.unloaded(rec.entry.model_id, "node_lost")
@@ -227,12 +200,12 @@ class Nodes:
         self._forget_process(rec)
         rec.node = None
 
-    def expect_workers(self: _Pool, name: str, saved: dict[str, LostWorker]) -> None:
+    def expect_workers(self: PoolParts, name: str, saved: dict[str, LostWorker]) -> None:
         """Workers the state file says ran on node ``name``: adopted at first contact."""
         with self._lock:
             self._nodes[name].lost.update(saved)
 
-    def nodes_view(self: _Pool) -> list[dict[str, Any]]:
+    def nodes_view(self: PoolParts) -> list[dict[str, Any]]:
         """``GET /nodes``: every node with its state, limits, memory and models."""
         with self._lock:
             by_node = self._models_by_node()

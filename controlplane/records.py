@@ -6,6 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from controlplane.core.chores import RUNNING, Chore
 from controlplane.core.leases import Lease
 from controlplane.core.schedule import Window
 from controlplane.core.states import State
@@ -69,12 +70,9 @@ class Record:
     last_error: str | None = None
     failures: int = 0
     retry_at: float = 0.0
-    #: A stop/cleanup of this model's program is running in the background.
-    busy: bool = False
-    #: A FAILED model whose worker could not be removed yet (it keeps its port until it is).
-    needs_cleanup: bool = False
-    #: The load in progress takes over a running worker (after a control-plane restart).
-    adopting: bool = False
+    #: What is being done about the worker program beside the state (``core.chores``).
+    chore: Chore = Chore.NONE
+    #: Deleted from the registry: hidden from requests, dropped once its worker is gone.
     deleting: bool = False
     unload_reason: str = ""
     #: Fingerprint of the spec the current worker was started with (None: no worker).
@@ -90,6 +88,21 @@ class Record:
     @property
     def windows(self) -> tuple[Window, ...]:
         return self.entry.windows()
+
+    @property
+    def busy(self) -> bool:
+        """A stop or cleanup job runs on the program."""
+        return self.chore in RUNNING
+
+    @property
+    def needs_cleanup(self) -> bool:
+        """A FAILED model whose worker is not removed yet (it keeps its port until it is)."""
+        return self.chore is Chore.CLEANUP_DUE
+
+    @property
+    def adopting(self) -> bool:
+        """The load in progress takes over a running worker."""
+        return self.chore is Chore.ADOPTING
 
     @property
     def requests(self) -> int:
