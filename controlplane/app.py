@@ -14,11 +14,11 @@ from controlplane import ui
 from controlplane.adapters.proxy import WorkerProxy
 from controlplane.adapters.rundir import RunDirLock
 from controlplane.api import control, errors, leases, metrics, ollama, openai, ops
+from controlplane.configstore import SHIPPED_CONFIG_DIR, ConfigStore
 from controlplane.core.states import State
 from controlplane.node import PROJECT_DIR
 from controlplane.records import Record
 from controlplane.service import PoolService
-from controlplane.settings import SHIPPED_CONFIG_DIR, ConfigStore
 from model_service.auth import bearer_ok
 
 RUN_DIR_ENV = "MODELPOOL_RUN_DIR"

@@ -10,106 +10,32 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import psutil
-import requests
 import yaml
 
-from controlplane import chat, fetch, nodehost
-from controlplane.adapters import rundir
-from controlplane.adapters.supervisord import SupervisorClient, SupervisorError
-from controlplane.adapters.worker import local_session
+from controlplane import chat, fetch
 from controlplane.app import (
     CONFIG_DIR_ENV,
-    DEFAULTS_DIR_ENV,
     RUN_DIR_ENV,
-    config_store,
-    default_dirs,
 )
-from controlplane.core.slug import PROGRAM_PREFIX, program_name
-from controlplane.node import PROJECT_DIR, Node, RunPaths
-from controlplane.settings import ConfigError, ConfigStore, Settings
-
-EXIT_FAILED, EXIT_USAGE, EXIT_DOWN = 1, 2, 3
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
-
+from controlplane.cli_base import (
+    EXIT_USAGE,
+    CliError,
+    api_for,
+    dirs,
+    mid,
+    table,
+)
+from controlplane.cli_stack import cmd_down, cmd_node, cmd_nodes, cmd_up
+from controlplane.core.slug import program_name
+from controlplane.node import PROJECT_DIR, RunPaths
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _dirs(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(config dir, run dir), absolute: the options, else the environment, else the defaults
-    (``run/`` and the run dir's ``config/``)."""
-    config_dir, run_dir = default_dirs(Path(args.run_dir) if args.run_dir else None)
-    if args.config_dir:
-        config_dir = Path(args.config_dir)
-    return config_dir.resolve(), run_dir.resolve()
-
-
-def _settings(config_dir: Path, store: ConfigStore | None = None) -> Settings:
-    try:
-        settings, _ = (store or config_store(config_dir)).load()
-    except ConfigError as exc:
-        raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
-    return settings
-
-
-class Api:
-    """A small client of the control API."""
-
-    def __init__(self, url: str, api_key: str = "") -> None:
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.session = local_session()
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
-        try:
-            resp = self.session.request(
-                method, self.url + path, json=body, headers=self.headers, timeout=timeout
-            )
-        except requests.ConnectionError:
-            raise CliError(
-                f"the control plane is not reachable at {self.url} (start it: modelpool up)",
-                EXIT_DOWN,
-            ) from None
-        except requests.Timeout:
-            raise CliError(f"{method} {path}: no answer within {timeout:g} s") from None
-        try:
-            data = resp.json()
-        except ValueError:
-            data = {"error": {"message": resp.text.strip()}}
-        if resp.status_code >= 400:
-            msg = data.get("error", {}).get("message") if isinstance(data, dict) else None
-            raise CliError(f"{msg or resp.reason} (HTTP {resp.status_code})")
-        return data
-
-
-def _api(args: argparse.Namespace) -> Api:
-    url = args.url or os.environ.get("MODELPOOL_URL")
-    api_key = os.environ.get("MODELPOOL_API_KEY", "")
-    if not url:
-        settings = _settings(_dirs(args)[0])
-        host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "") else settings.bind_host
-        url = f"http://{host}:{settings.control_port}"
-        api_key = api_key or settings.api_key
-    return Api(url, api_key)
-
-
-def _mid(model_id: str) -> str:
-    return quote(model_id, safe=":@+")
 
 
 def _fmt_ttl(m: dict[str, Any]) -> str:
@@ -125,153 +51,7 @@ def _fmt_ttl(m: dict[str, Any]) -> str:
     return f"{secs // 60}m{secs % 60:02d}s"
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
-
-
 # --- commands ----------------------------------------------------------------------------------
-
-
-def _run_dir_owner(run_dir: Path) -> rundir.Holder | None:
-    """The stack that has ``run_dir`` now: its control plane holds the lock, or its supervisord
-    answers on the run dir's socket (then the lock's last record says whose it is)."""
-    holder = rundir.holder(run_dir)
-    if holder is not None:
-        return holder
-    try:
-        pid = SupervisorClient(str(RunPaths(run_dir).socket), timeout=5).pid()
-    except SupervisorError:
-        return None
-    last = rundir.last_holder(run_dir) or rundir.Holder(0)
-    return rundir.Holder(pid, last.config_dir, last.control_port)
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    config_dir, run_dir = _dirs(args)
-    store = config_store(config_dir)
-    settings = _settings(config_dir, store)
-    # Nothing is written before this check: a run dir another stack has stays as it is.
-    owner = _run_dir_owner(run_dir)
-    if owner is not None and not owner.same_stack(config_dir, settings.control_port):
-        raise CliError(str(rundir.RunDirBusy(run_dir, owner)))
-    node = Node.local(run_dir, settings)
-    if owner is not None:
-        print(f"modelpool is already up for {run_dir} (pid {owner.pid})")
-    else:
-        try:
-            # A moment's wait: another `up` probing the lock at the same instant is not a holder.
-            lock = rundir.RunDirLock.acquire(run_dir, config_dir, settings.control_port, wait=1.0)
-        except rundir.RunDirBusy as exc:
-            raise CliError(str(exc)) from None
-        try:
-            node.paths.create()
-            store.seed()
-            _start_supervisord(node, config_dir, run_dir, settings)
-        except ConfigError as exc:
-            raise CliError(str(exc), EXIT_USAGE) from None
-        finally:
-            lock.release()
-    host = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "") else settings.bind_host
-    url = f"http://{host}:{settings.control_port}"
-    limit = time.monotonic() + args.timeout
-    session = local_session()
-    while time.monotonic() < limit:
-        try:
-            resp = session.get(url + "/health", timeout=2)
-            if resp.status_code == 200 and resp.json().get("status") == "healthy":
-                print(f"modelpool is up: control plane {url}, run dir {node.paths.run_dir}")
-                print(
-                    f"{Path(sys.executable).parent / 'supervisorctl'} -c {node.paths.conf} status"
-                )
-                return 0
-        except (requests.RequestException, ValueError):
-            pass
-        time.sleep(0.2)
-    log = node.paths.logs / "controlplane.log"
-    tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-    raise CliError(
-        f"the control plane did not become healthy at {url} within {args.timeout:g} s\n{tail}"
-    )
-
-
-def _start_supervisord(node: Node, config_dir: Path, run_dir: Path, settings: Settings) -> None:
-    conf = node.render_supervisord_conf(config_dir, settings.control_port)
-    node.paths.conf.write_text(conf)
-    node.paths.conf.chmod(0o600)
-    env = dict(os.environ)
-    env[CONFIG_DIR_ENV] = str(config_dir.resolve())
-    env[RUN_DIR_ENV] = str(run_dir.resolve())
-    if env.get(DEFAULTS_DIR_ENV):
-        env[DEFAULTS_DIR_ENV] = str(Path(env[DEFAULTS_DIR_ENV]).resolve())
-    proc = subprocess.run(
-        [sys.executable, "-m", "supervisor.supervisord", "-c", str(node.paths.conf)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise CliError(f"supervisord did not start: {proc.stderr.strip() or proc.stdout.strip()}")
-
-
-def stop_stack(paths: RunPaths, timeout: float = 120) -> bool:
-    """Drain every model worker, stop the control plane, shut supervisord down and wait for it.
-
-    Returns False if no supervisord was running for ``paths``.
-    """
-    client = SupervisorClient(str(paths.socket), timeout=5)
-    try:
-        pid = client.pid()
-        procs = client.all_processes()
-    except SupervisorError:
-        return False
-    # The control plane first, so that it does not react to its workers stopping.
-    client.stop("controlplane", timeout=60)
-    models = [p.name for p in procs if p.name.startswith(PROGRAM_PREFIX)]
-    threads = [threading.Thread(target=client.stop, args=(n, timeout)) for n in models]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        client.shutdown()
-    except SupervisorError:
-        pass
-    limit = time.monotonic() + timeout
-    while time.monotonic() < limit and _alive(pid):
-        time.sleep(0.1)
-    for f in [*paths.conf_d.glob("*.conf"), *paths.specs.glob("*.json")]:
-        f.unlink(missing_ok=True)
-    return not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie child of ours counts as gone)."""
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
-def cmd_down(args: argparse.Namespace) -> int:
-    _, run_dir = _dirs(args)
-    paths = RunPaths(run_dir.resolve())
-    if not paths.socket.exists():
-        print(f"modelpool is not running (no socket in {paths.run_dir})")
-        return 0
-    # Through the control plane first: it unloads every model (reason "shutdown"), withdraws
-    # them from the service registry, and lets in-flight requests finish.
-    try:
-        _api(args).call("POST", "/drain", {"timeout": args.timeout}, timeout=args.timeout + 10)
-    except CliError as exc:
-        print(f"drain through the control plane skipped: {exc}", file=sys.stderr)
-    stopped = stop_stack(paths, args.timeout)
-    print("modelpool is down" if stopped else f"no supervisord answered at {paths.socket}")
-    return 0
 
 
 def _status_table(data: dict[str, Any]) -> str:
@@ -307,11 +87,11 @@ def _status_table(data: dict[str, Any]) -> str:
                 (m["last_error"] or "")[:60],
             ]
         )
-    return _table(rows)
+    return table(rows)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_for(args)
     shown = 0
     tty = sys.stdout.isatty()
     while True:
@@ -342,7 +122,7 @@ def _parse_value(text: str) -> Any:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_for(args)
     if args.action == "get":
         data = api.call("GET", "/config")
         if args.key:
@@ -364,13 +144,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_for(args)
     started = time.monotonic()
-    api.call("POST", f"/models/{_mid(args.model)}/load", {"wait": False}, timeout=args.timeout)
+    api.call("POST", f"/models/{mid(args.model)}/load", {"wait": False}, timeout=args.timeout)
     tty = sys.stdout.isatty()
     last = ""
     while True:
-        m = api.call("GET", f"/models/{_mid(args.model)}")
+        m = api.call("GET", f"/models/{mid(args.model)}")
         elapsed = time.monotonic() - started
         if m["state"] != last or tty:
             line = f"{args.model}: {m['state']} ({elapsed:.1f} s)"
@@ -391,10 +171,10 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_for(args)
     m = api.call(
         "POST",
-        f"/models/{_mid(args.model)}/unload",
+        f"/models/{mid(args.model)}/unload",
         {"force": args.force, "wait": True},
         timeout=180,
     )
@@ -403,15 +183,15 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 
 def cmd_extend_ttl(args: argparse.Namespace) -> int:
-    api = _api(args)
-    m = api.call("POST", f"/models/{_mid(args.model)}/extend-ttl", {"minutes": args.minutes})
+    api = api_for(args)
+    m = api.call("POST", f"/models/{mid(args.model)}/extend-ttl", {"minutes": args.minutes})
     note = " (capped at max_ttl_minutes)" if m.get("clamped") else ""
     print(f"{args.model}: {_fmt_ttl(m)} left{note}")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    _, run_dir = _dirs(args)
+    _, run_dir = dirs(args)
     path = RunPaths(run_dir.resolve()).program_log(program_name(args.model))
     if not path.exists():
         raise CliError(f"no log for {args.model} at {path} (has it been loaded?)")
@@ -438,7 +218,7 @@ def cmd_make_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    api = _api(args)
+    api = api_for(args)
     return chat.run(api.url, args.model, args.prompt, api.headers)
 
 
@@ -448,48 +228,6 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     except fetch.FetchError as exc:
         raise CliError(f"SmolLM2 was not fetched: {exc}") from None
     print(f"{path}: SmolLM2-135M-Instruct Q4_1, sha256 {fetch.SHA256[:12]}... checked")
-    return 0
-
-
-def cmd_node(args: argparse.Namespace) -> int:
-    try:
-        if args.action == "up":
-            if not (args.name and args.listen and args.password_file):
-                raise CliError("node up needs --name, --listen and --password-file", EXIT_USAGE)
-            pid = nodehost.node_up(
-                args.name, args.listen, Path(args.node_dir), Path(args.password_file), args.timeout
-            )
-            print(f"node {args.name} is up: supervisord pid {pid}, XML-RPC http://{args.listen}")
-            print(f"supervisorctl -s http://{args.listen} -u modelpool -p PASSWORD status")
-        elif nodehost.node_down(Path(args.node_dir), args.timeout):
-            print(f"node in {args.node_dir} is down")
-        else:
-            print(f"no node supervisord runs for {args.node_dir}")
-    except nodehost.NodeError as exc:
-        raise CliError(str(exc)) from None
-    return 0
-
-
-def cmd_nodes(args: argparse.Namespace) -> int:
-    nodes = _api(args).call("GET", "/nodes")["nodes"]
-    if args.json:
-        print(json.dumps(nodes, indent=2))
-        return 0
-    rows = [["NODE", "STATE", "ADDRESS", "MODELS", "MEMORY MB", "LABELS", "LAST ERROR"]]
-    for n in nodes:
-        limit = f"{n['memory_limit_mb']:.0f}" if n["memory_limit_mb"] else "-"
-        rows.append(
-            [
-                n["name"] + ("" if n["placeable"] else " (no models)"),
-                n["state"],
-                n["address"],
-                f"{len(n['models'])}/{n['max_concurrent_models']}",
-                f"{n['memory_used_mb']:.0f}/{limit}",
-                ",".join(n["labels"]) or "-",
-                (n["last_error"] or "")[:60],
-            ]
-        )
-    print(_table(rows))
     return 0
 
 

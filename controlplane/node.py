@@ -15,7 +15,8 @@ from pathlib import Path
 from string import Template
 from typing import Final
 
-from controlplane.settings import ConfigError, Settings, atomic_write
+from controlplane.configstore import atomic_write
+from controlplane.settings import ConfigError, Settings
 
 PROJECT_DIR: Final = Path(__file__).resolve().parent.parent
 TEMPLATE_DIR: Final = PROJECT_DIR / "supervisord"

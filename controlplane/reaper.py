@@ -19,9 +19,9 @@ from typing import Any
 
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavailable
 from controlplane.adapters.worker import WorkerProbe
+from controlplane.configstore import atomic_write
 from controlplane.nodeconfig import LOCAL
 from controlplane.pool import ModelPool
-from controlplane.settings import atomic_write
 from controlplane.watch import WorkerWatch
 
 log = logging.getLogger("modelpool.reaper")

@@ -16,6 +16,7 @@ from typing import Any
 from controlplane.adapters.registry import RegistryAnnouncer, http_sender
 from controlplane.adapters.supervisord import SupervisorClient, SupervisorUnavailable
 from controlplane.adapters.worker import HttpWorkerProbe, WorkerProbe
+from controlplane.configstore import ConfigStore, atomic_write
 from controlplane.core.slug import PROGRAM_PREFIX
 from controlplane.core.states import State
 from controlplane.errors import Conflict, InvalidInput
@@ -31,10 +32,8 @@ from controlplane.records import Record
 from controlplane.settings import (
     SETTINGS_BY_NAME,
     ConfigError,
-    ConfigStore,
     ModelEntry,
     Settings,
-    atomic_write,
     check_registry,
     parse_entry,
     parse_settings,

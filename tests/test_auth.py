@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from controlplane.settings import atomic_write
+from controlplane.configstore import atomic_write
 from model_service.auth import KeySource, bearer_ok
 
 

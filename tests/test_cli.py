@@ -9,7 +9,8 @@ from typing import Any
 import psutil
 import pytest
 
-from controlplane.cli import _alive, build_parser
+from controlplane.cli import build_parser
+from controlplane.cli_stack import _alive
 from tests.stack import Stack, wait_until
 
 GLOBALS = {"--config-dir": "config_dir", "--run-dir": "run_dir", "--url": "url"}

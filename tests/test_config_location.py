@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from controlplane.app import CONFIG_DIR_ENV, RUN_DIR_ENV, default_dirs
+from controlplane.configstore import ConfigStore
 from controlplane.node import PROJECT_DIR
-from controlplane.settings import ConfigStore, parse_registry, parse_settings
+from controlplane.settings import parse_registry, parse_settings
 from tests.ollama_standin import OllamaStandin
 from tests.stack import ROOT, Stack
 

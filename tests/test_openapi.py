@@ -282,8 +282,8 @@ def test_front_door_documents_only_parameters_the_worker_knows() -> None:
 def client() -> Iterator[Any]:
     """A test client of the control plane's app, built without starting the pool."""
     from controlplane.app import create_app
+    from controlplane.configstore import ConfigStore
     from controlplane.service import PoolService
-    from controlplane.settings import ConfigStore
 
     root = Path(tempfile.mkdtemp(prefix="mp-oa-", dir="/tmp"))
     try:
@@ -352,8 +352,8 @@ def original_config(stack: Stack) -> dict[str, Any]:
 def test_routes_match_document(stack: Stack) -> None:
     """Every route of the app is documented, and every documented operation is a route."""
     from controlplane.app import create_app
+    from controlplane.configstore import ConfigStore
     from controlplane.service import PoolService
-    from controlplane.settings import ConfigStore
 
     # The app of the stack's own config, built without starting anything (a run dir of its
     # own: the live stack's files are left alone).

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.configstore import ConfigStore
 from controlplane.settings import (
     SETTINGS,
     ConfigError,
-    ConfigStore,
     Settings,
     parse_entry,
     parse_registry,
