@@ -83,12 +83,11 @@ def create_app(service: PoolService | None = None) -> Flask:
     app.extensions[EXT] = service
     proxy = WorkerProxy()
     app.extensions[openai.PROXY_EXT] = proxy
-    host = service.node.bind_host
 
     def drop_idle(rec: Record, old: State, new: State) -> None:
         # A worker that starts to drain (or died) needs no idle connection of ours.
         if new in (State.UNLOADING, State.FAILED) and rec.port is not None:
-            proxy.forget(host, rec.port)
+            proxy.forget(service.pool.address_of(rec.node), rec.port)
 
     service.pool.listeners.append(drop_idle)
     errors.register(app)

@@ -103,6 +103,11 @@ def parse_node(raw: Any, key: str) -> NodeConfig:
         )
     url = check_url(f"{key}.url", raw["url"])
     parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ConfigError(
+            f"{key}.url: {url!r}: supervisord's XML-RPC server speaks plain http (keep nodes on "
+            "a private network, or reach them through a tunnel)"
+        )
     if parts.username or parts.password or parts.path not in ("", "/RPC2"):
         raise ConfigError(
             f"{key}.url: {url!r}: expected http://HOST:PORT (the password is read from "

@@ -15,7 +15,7 @@ from typing import Any
 from controlplane.core import leases, placement
 from controlplane.core.chores import Chore, ChoreEvent
 from controlplane.core.policy import ModelView
-from controlplane.core.states import OCCUPYING, Event, State
+from controlplane.core.states import OCCUPYING, SERVING, Event, State
 from controlplane.nodeconfig import LOCAL, NodeConfig
 from controlplane.pool_parts import PoolParts
 from controlplane.records import Record
@@ -31,7 +31,11 @@ class LostWorker:
     model_id: str
     port: int
     fingerprint: str | None
+    #: The record's generation when the worker was lost (0: read from the state file at start):
+    #: a record loaded again since then does not take the old worker back.
+    gen: int = 0
     deadline: float | None = None
+    #: Leases from the state file (a node lost at runtime leaves the record's own in place).
     leases: Any = None
 
 
@@ -137,6 +141,7 @@ class Nodes:
                 if (
                     rec is None
                     or rec.deleting
+                    or rec.gen != lost.gen
                     or rec.program != program
                     or rec.state not in (State.COLD, State.FAILED)
                     or rec.chore is not Chore.NONE
@@ -148,7 +153,7 @@ class Nodes:
                 rec.estimate_mb = self._estimate(rec)
                 self._new_generation(rec)
                 rec.restore_deadline = lost.deadline
-                if lost.leases is not None:
+                if lost.leases is not None and not rec.leases:
                     rec.leases = leases.restore(lost.leases, now)
                 self._chore(rec, ChoreEvent.ADOPTION_STARTED)
                 self._apply(rec, Event.LOAD_REQUESTED, "adopt")
@@ -173,7 +178,7 @@ class Nodes:
             ):
                 return False
             slot.up, slot.since = False, now
-            for rec in self._records.values():
+            for rec in list(self._records.values()):  # _lose may drop a deleted record
                 if rec.node == name:
                     self._lose(rec, slot, error)
             self._changed.notify_all()
@@ -183,13 +188,11 @@ class Nodes:
     def _lose(self: PoolParts, rec: Record, slot: NodeSlot, error: str) -> None:
         """A model whose worker was on a lost node (lock held): FAILED (``node_lost``), with no
         backoff, so the next request loads it on another node; UNLOADING ends COLD."""
-        if rec.port is not None:
+        if rec.port is not None and rec.state in (State.WARMING, *SERVING):
+            # A worker that was serving (or loading) may be taken back if the node returns;
+            # one that was being unloaded or cleaned up is left to the orphan sweep.
             slot.lost[rec.program] = LostWorker(
-                rec.entry.model_id,
-                rec.port,
-                rec.fingerprint,
-                rec.deadline,
-                [x.view() for x in rec.leases.values()],
+                rec.entry.model_id, rec.port, rec.fingerprint, rec.gen, rec.deadline
             )
         rec.last_error = f"node {slot.name} lost: {error}"
         self._chore(rec, ChoreEvent.NODE_LOST)
@@ -199,6 +202,9 @@ class Nodes:
             self._apply(rec, Event.NODE_LOST, "node_lost")
         self._forget_process(rec)
         rec.node = None
+        rec.reload = False
+        if rec.deleting:  # no stop or cleanup will report: it is gone with its node
+            self._drop(rec)
 
     def expect_workers(self: PoolParts, name: str, saved: dict[str, LostWorker]) -> None:
         """Workers the state file says ran on node ``name``: adopted at first contact."""

@@ -147,6 +147,7 @@ class PoolService:
                     model_id,
                     int(m["port"]),
                     m.get("fingerprint"),
+                    0,
                     m.get("deadline"),
                     m.get("leases"),
                 )

@@ -323,6 +323,25 @@ def test_a_node_cut_off_then_back_keeps_its_workers_unless_moved(
     assert chat(stack, "x:1b").status_code == 200
 
 
+def test_a_restarted_control_plane_adopts_the_workers_on_its_nodes(
+    nodes: Nodes, stack: Stack
+) -> None:
+    unload_all(stack)
+    before = stack.load("pinned:1b")
+    assert before["node"] == "n4"
+    restart = stack.supervisorctl("restart", "controlplane")
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    wait_until(lambda: stack.get("/health").status_code == 200, 30)
+    after = stack.wait_state("pinned:1b", "HOT", timeout=15)
+    # The same worker on the same node, taken over, not started again.
+    assert after["node"] == "n4" and after["pid"] == before["pid"]
+    history = stack.get("/models/pinned:1b/health").json()["history"]
+    assert history[-1]["reason"] == "adopted" and history[-1]["to"] == "HOT"
+    assert chat(stack, "pinned:1b").status_code == 200
+    running = [p for p in nodes.programs("n4") if p["statename"] == "RUNNING"]
+    assert [p["name"] for p in running] == [before["program"]]
+
+
 def test_losing_a_node_moves_its_models_and_its_return_makes_no_duplicate(
     nodes: Nodes, stack: Stack
 ) -> None:

@@ -8,13 +8,14 @@ safe. Faults become domain errors here (ALREADY_STARTED / NOT_RUNNING are succes
 
 from __future__ import annotations
 
+import base64
 import http.client
 import socket
 import threading
 import xmlrpc.client
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 # supervisor.xmlrpc.Faults, copied so that this module needs only the stdlib.
 BAD_NAME: Final = 10
@@ -109,8 +110,11 @@ class _UnixTransport(xmlrpc.client.Transport):
 
 
 class _HttpTransport(xmlrpc.client.Transport):
-    def __init__(self, timeout: float) -> None:
-        super().__init__()
+    """Plain HTTP with a timeout; the credentials travel in a header, never in the URL (which
+    xmlrpc.client puts in its error messages)."""
+
+    def __init__(self, timeout: float, authorization: str) -> None:
+        super().__init__(headers=[("Authorization", authorization)])
         self._timeout = timeout
 
     def make_connection(self, host: Any) -> http.client.HTTPConnection:
@@ -145,7 +149,9 @@ class SupervisorClient:
         try:
             return getattr(proxy, method)(*args)
         except xmlrpc.client.Fault as fault:
-            raise _fault_error(method, args, fault) from None
+            # A program's options carry its spec (the API key, for a node): never in a message.
+            shown = tuple("{...}" if isinstance(a, dict) else a for a in args)
+            raise _fault_error(method, shown, fault) from None
         except xmlrpc.client.ProtocolError as exc:
             if exc.errcode == 401:
                 raise SupervisorAuthError(
@@ -255,11 +261,12 @@ class TwiddlerClient(SupervisorClient):
         super().__init__("", timeout)
         parts = urlsplit(url)
         self.where = f"{parts.scheme}://{parts.netloc}"
-        auth = f"{quote(username, safe='')}:{quote(password, safe='')}@"
-        self._url = f"{parts.scheme}://{auth}{parts.netloc}/RPC2"
+        self._url = f"{self.where}/RPC2"
+        token = base64.b64encode(f"{username}:{password}".encode()).decode()
+        self._authorization = f"Basic {token}"
 
     def _proxy(self, timeout: float) -> tuple[xmlrpc.client.ServerProxy, xmlrpc.client.Transport]:
-        transport = _HttpTransport(timeout)
+        transport = _HttpTransport(timeout, self._authorization)
         return xmlrpc.client.ServerProxy(self._url, transport=transport), transport
 
     def qualified(self, name: str) -> str:
@@ -279,6 +286,11 @@ class TwiddlerClient(SupervisorClient):
             self._forget(name)
 
     def _forget(self, name: str) -> None:
+        try:
+            # Its automatic log files would stay behind, one pair per load: empty them first.
+            self._call("supervisor.clearProcessLogs", self.qualified(name))
+        except SupervisorError:
+            pass
         try:
             self._call("twiddler.removeProcessFromGroup", NODE_GROUP, name)
         except UnknownProgram:

@@ -90,13 +90,16 @@ class PoolCollector(Collector):
         yield from self._nodes(records)
         yield from self._lifecycle()
         summary = pool.summary()
-        s = pool.settings
         gauges = (
             ("modelpool_ports_available", "Worker ports not in use", summary["available_ports"]),
             (
                 "modelpool_ports",
-                "Worker ports in port_range",
-                s.port_range.end - s.port_range.start + 1,
+                "Worker ports in port_range (of every node models may use)",
+                sum(
+                    n["port_range"]["end"] - n["port_range"]["start"] + 1
+                    for n in pool.nodes_view()
+                    if n["placeable"]
+                ),
             ),
             ("modelpool_max_models", "max_concurrent_models", summary["max_concurrent_models"]),
             (

@@ -1,0 +1,183 @@
+"""The pool's side of nodes, without processes: a node lost and back, adoption rules, and the
+node client's credentials kept out of every message."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from controlplane.adapters.supervisord import SupervisorUnavailable, TwiddlerClient
+from controlplane.core.states import State
+from controlplane.nodeconfig import NodeConfig
+from controlplane.pool import ModelPool
+from controlplane.records import Lifecycle
+from controlplane.settings import ModelEntry, parse_settings
+
+
+class Jobs(Lifecycle):
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, int, bool]] = []
+
+    def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
+        self.loads.append((model_id, gen, adopt))
+
+    def start_stop(self, model_id: str, gen: int, force: bool) -> None:
+        pass
+
+    def start_cleanup(self, model_id: str, gen: int) -> None:
+        pass
+
+    def hurry(self, model_id: str, gen: int) -> None:
+        pass
+
+
+def make(*models: str) -> tuple[ModelPool, Jobs]:
+    nodes = [
+        NodeConfig(n, f"http://10.0.0.{i}:9001", "/p", f"10.0.0.{i}")
+        for i, n in ((2, "a"), (3, "b"))
+    ]
+    settings = parse_settings({"local_node": False, "node_timeout_seconds": 5, "nodes": nodes})
+    now = [1000.0]
+    pool = ModelPool(settings, tuple(ModelEntry(m) for m in models), clock=lambda: now[0])
+    pool.configure_nodes(nodes)
+    jobs = Jobs()
+    pool.lifecycle = jobs
+    pool.clock_now = now  # type: ignore[attr-defined]
+    return pool, jobs
+
+
+def up(pool: ModelPool, node: str, programs: dict[str, tuple[str, int]] | None = None) -> None:
+    pool.node_reachable(node, programs or {})
+
+
+def hot(pool: ModelPool, model: str) -> Any:
+    rec = pool.ensure_loaded(model, wait=False)
+    pool.became_ready(model, rec.gen, 100.0, 4242)
+    return pool.record(model)
+
+
+def lose(pool: ModelPool, node: str) -> None:
+    pool.clock_now[0] += 6  # type: ignore[attr-defined]
+    assert pool.node_unreachable(node, "timed out")
+
+
+def test_a_lost_node_fails_its_models_and_the_next_load_goes_elsewhere() -> None:
+    pool, _ = make("m")
+    up(pool, "a")
+    rec = hot(pool, "m")
+    assert rec.node == "a"
+    up(pool, "b")
+    lose(pool, "a")
+    lost = pool.record("m")
+    assert lost.state is State.FAILED and lost.node is None and lost.port is None
+    assert "node a lost: timed out" in (lost.last_error or "") and lost.retry_at == 0.0
+    again = pool.ensure_loaded("m", wait=False)
+    assert again.node == "b" and again.state is State.WARMING
+
+
+def test_a_node_back_gives_back_a_worker_whose_model_waited() -> None:
+    pool, jobs = make("m")
+    up(pool, "a")
+    rec = hot(pool, "m")
+    lose(pool, "a")
+    assert pool.node_reachable("a", {rec.program: ("RUNNING", 4242)})
+    back = pool.record("m")
+    assert back.state is State.WARMING and back.adopting and back.node == "a"
+    assert back.port == rec.port and jobs.loads[-1] == ("m", back.gen, True)
+
+
+def test_a_worker_of_a_model_loaded_again_meanwhile_is_not_taken_back() -> None:
+    pool, _ = make("m")
+    up(pool, "a")
+    up(pool, "b")
+    rec = hot(pool, "m")
+    first = rec.node
+    lose(pool, first)
+    other = hot(pool, "m")
+    assert other.node != first
+    pool.unload("m")
+    pool.stopped("m", other.gen)
+    assert pool.record("m").state is State.COLD
+    # The node returns with the old worker: the model was loaded (and unloaded) since.
+    pool.node_reachable(first, {rec.program: ("RUNNING", 4242)})
+    assert pool.record("m").state is State.COLD
+    assert first not in {n["name"] for n in pool.nodes_view() if n["models"]}
+
+
+def test_a_worker_that_was_being_unloaded_is_not_taken_back() -> None:
+    pool, _ = make("m")
+    up(pool, "a")
+    rec = hot(pool, "m")
+    pool.unload("m")
+    lose(pool, "a")
+    assert pool.record("m").state is State.COLD
+    pool.node_reachable("a", {rec.program: ("RUNNING", 4242)})
+    assert pool.record("m").state is State.COLD
+
+
+def test_a_deleted_model_on_a_lost_node_is_dropped() -> None:
+    pool, _ = make("m", "n")
+    up(pool, "a")
+    hot(pool, "m")
+    pool.mark_deleting("m")  # UNLOADING; its stop job will never report
+    lose(pool, "a")
+    assert pool.ids() == ["n"]
+
+
+def test_leases_kept_through_an_outage_are_not_replaced_by_the_returning_worker() -> None:
+    pool, _ = make("m")
+    up(pool, "a")
+    rec = hot(pool, "m")
+    pool.add_lease("m", 600, "agent-1")
+    lose(pool, "a")
+    ended = pool.record("m").leases
+    assert len(ended) == 1
+    pool.end_lease("m", next(iter(ended)))
+    pool.node_reachable("a", {rec.program: ("RUNNING", 4242)})
+    assert pool.record("m").leases == {}
+
+
+# --- the node client -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bad_gateway() -> Iterator[tuple[str, list[str | None]]]:
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(502)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_node_password_never_shows_in_an_error(
+    bad_gateway: tuple[str, list[str | None]],
+) -> None:
+    url, seen = bad_gateway
+    client = TwiddlerClient(url, "modelpool", "s3cret-node-pw", timeout=5)
+    with pytest.raises(SupervisorUnavailable) as info:
+        client.state()
+    assert "502" in str(info.value) and "s3cret" not in str(info.value)
+    assert seen == ["Basic bW9kZWxwb29sOnMzY3JldC1ub2RlLXB3"]  # modelpool:s3cret-node-pw
+    with pytest.raises(SupervisorUnavailable) as info:
+        client.add_program("model-x", {"environment": 'MODELPOOL_SPEC_DATA="api-key-inside"'})
+    assert "api-key-inside" not in str(info.value) and "s3cret" not in str(info.value)
