@@ -69,6 +69,10 @@ def _status_table(data: dict[str, Any]) -> str:
             "LAST ERROR",
         ]
     ]
+    # With remote nodes, a NODE column says where each loaded model runs.
+    nodes = any(m.get("node") not in (None, "local") for m in data["models"])
+    if nodes:
+        rows[0].insert(2, "NODE")
     for m in data["models"]:
         warm = "warmup" if m["warmup"] else ("window" if m.get("scheduled_now") else "")
         if not warm and m.get("schedule"):
@@ -77,6 +81,7 @@ def _status_table(data: dict[str, Any]) -> str:
             [
                 m["model_id"],
                 m["state"],
+                *([m.get("node") or "-"] if nodes else []),
                 str(m["port"] or "-"),
                 f"{m['memory_mb']:.0f} MB" if m["memory_mb"] else "-",
                 _fmt_ttl(m),

@@ -257,7 +257,14 @@ def test_pinned_and_labelled_models_land_on_their_nodes(nodes: Nodes, stack: Sta
     program = stack.model("pinned:1b")["program"]
     assert f"models:{program}" in status.stdout and "RUNNING" in status.stdout, status.stdout
     out = cli("--url", stack.url, "nodes").stdout
-    assert "n4" in out and "UP" in out and "127.0.0.4" in out, out
+    row = next(line.split() for line in out.splitlines() if line.startswith("n4 "))
+    assert row[:3] == ["n4", "UP", "127.0.0.4"], out
+    status = cli("--url", stack.url, "status").stdout.splitlines()
+    assert status[0].split()[:3] == ["MODEL", "STATE", "NODE"], status
+    assert next(line for line in status if line.startswith("pinned:1b ")).split()[1:3] == [
+        "HOT",
+        "n4",
+    ]
 
 
 def test_node_xmlrpc_listens_on_its_address_only_and_needs_the_password(nodes: Nodes) -> None:
