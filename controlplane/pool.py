@@ -302,16 +302,17 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
     ) -> None:
         """WARMING → FAILED, after the lifecycle tried to stop and remove the worker.
 
-        ``reason`` is one of ``stats.LOAD_FAILURE_REASONS``; "supervisord" (it was away) is not
-        a failure of the model and does not grow its backoff. ``removed``: False keeps the port
-        until a later cleanup succeeds.
+        ``reason`` is one of ``stats.LOAD_FAILURE_REASONS``; "supervisord" (it was away) and a
+        failed adoption are not failures of the model and do not grow its backoff.
+        ``removed``: False keeps the port until a later cleanup succeeds.
         """
-        count = reason != "supervisord"
         with self._lock:
             rec = self._records.get(model_id)
             if rec is None or rec.gen != gen or rec.state is not State.WARMING:
                 return
-            if count:
+            # Taking over a worker of an earlier life (a restart, a node back) that turns out
+            # gone or broken is not a failure of the model: the next request loads it afresh.
+            if reason != "supervisord" and not rec.adopting:
                 rec.failures += 1
                 rec.retry_at = policy.retry_not_before(rec.failures, self.clock())
             if permanent:

@@ -118,6 +118,16 @@ class Nodes:
     def _any_node_up(self: PoolParts) -> bool:
         return any(s.up for s in self._placeable())
 
+    def any_node_up(self: PoolParts) -> bool:
+        """Whether a load could start now on some node."""
+        with self._lock:
+            return self._any_node_up()
+
+    def _node_answers(self: PoolParts, rec: Record) -> bool:
+        """Whether the node of ``rec``'s worker answers (a record without a worker: yes)."""
+        slot = self._nodes.get(rec.node or LOCAL)
+        return slot is None or slot.up
+
     # --- what the node monitors report --------------------------------------------------------
 
     def node_reachable(self: PoolParts, name: str, programs: dict[str, tuple[str, int]]) -> bool:

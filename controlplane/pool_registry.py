@@ -93,7 +93,12 @@ class Registry:
         changed = []
         with self._lock:
             for rec in self._records.values():
-                if rec.state not in SERVING or rec.fingerprint is None or rec.deleting:
+                if (
+                    rec.state not in SERVING
+                    or rec.fingerprint is None
+                    or rec.deleting
+                    or not self._node_answers(rec)
+                ):
                     continue
                 moved = rec.entry.port is not None and rec.port != rec.entry.port
                 if moved or rec.fingerprint != self.fingerprint_for(rec):

@@ -120,7 +120,7 @@ class Ttl:
             self._apply(rec, Event.REQUEST_ARRIVED, "request")
 
     def expire(self: PoolParts, now: float) -> None:
-        """Apply the TTL events due at ``now`` (only with auto_unload)."""
+        """Apply the TTL events due at ``now`` (only with auto_unload), on nodes that answer."""
         with self._lock:
             self._lapse_leases(now)
         if not self.settings.auto_unload:
@@ -130,6 +130,8 @@ class Ttl:
             for _ in range(2):  # a zero grace period cools and unloads in one pass
                 for model_id, event in policy.due_events(self._views(), now):
                     rec = self._records[model_id]
+                    if not self._node_answers(rec):
+                        continue  # no unload on a node that does not answer: it waits for it
                     if event is Event.TTL_EXPIRED:
                         rec.grace_until = (rec.deadline or now) + grace
                         self._apply(rec, event, "ttl")

@@ -171,7 +171,7 @@ class Unloading:
         """Start again the cleanups of FAILED workers that could not be removed before."""
         with self._lock:
             for rec in self._records.values():
-                if rec.needs_cleanup and rec.state is State.FAILED:
+                if rec.needs_cleanup and rec.state is State.FAILED and self._node_answers(rec):
                     self._start_cleanup(rec)
 
     def _start_cleanup(self: PoolParts, rec: Record) -> None:
@@ -190,6 +190,8 @@ class Unloading:
             victims: list[str] = []
             by_node = self._models_by_node()
             for slot in self._nodes.values():
+                if not slot.up:
+                    continue
                 limit = self._node_limits(slot)[2]
                 victims += policy.evict_over_limit(by_node.get(slot.name, []), limit)
             for model_id in victims:
@@ -202,7 +204,7 @@ class Unloading:
             return [
                 (m, r.gen, r.program)
                 for m, r in self._records.items()
-                if r.state is State.UNLOADING and not r.busy
+                if r.state is State.UNLOADING and not r.busy and self._node_answers(r)
             ]
 
     def stop_failed(self: PoolParts, model_id: str, gen: int) -> None:

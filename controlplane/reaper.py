@@ -150,12 +150,13 @@ class Reaper:
         except SupervisorUnavailable as exc:
             if self.pool.set_available(False):
                 log.error("supervisord unavailable: %s", exc)
-            self.last_tick = self.clock()
-            return  # no unloads or restarts while the process manager is away
-        self.pool.set_available(True)
+            procs = None  # no unload, stop or restart on it while it is away; other nodes go on
+        else:
+            self.pool.set_available(True)
         local = time.localtime(self.clock())
         self.pool.refresh_schedules(local.tm_wday, local.tm_hour * 60 + local.tm_min)
-        self.watch.check(procs, serving, loaded)
+        if procs is not None:
+            self.watch.check(procs, serving, loaded)
         # Stops and cleanups that failed earlier (supervisord was away): try them again.
         for model_id, gen, _program in self.pool.unloading_idle():
             self.pool.retry_stop(model_id, gen)

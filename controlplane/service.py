@@ -299,7 +299,7 @@ class PoolService:
 
         The failure backoff applies; a permanent failure is not retried.
         """
-        if not self.pool.available or self.workers.stopping.is_set():
+        if not self.pool.any_node_up() or self.workers.stopping.is_set():
             return
         now = self.pool.clock()
         kept = set(self.pool.warmup_ids()) | self.pool.scheduled_ids()

@@ -181,3 +181,38 @@ def test_the_node_password_never_shows_in_an_error(
     with pytest.raises(SupervisorUnavailable) as info:
         client.add_program("model-x", {"environment": 'MODELPOOL_SPEC_DATA="api-key-inside"'})
     assert "api-key-inside" not in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_ttls_run_on_the_nodes_that_answer_while_another_is_away() -> None:
+    nodes = [NodeConfig("a", "http://10.0.0.2:9001", "/p", "10.0.0.2")]
+    settings = parse_settings({"nodes": nodes, "default_ttl_minutes": 5, "grace_period_minutes": 0})
+    entries = (ModelEntry("here", nodes=("local",)), ModelEntry("there", nodes=("a",)))
+    now = [1000.0]
+    pool = ModelPool(settings, entries, clock=lambda: now[0])
+    pool.configure_nodes(nodes)
+    pool.lifecycle = Jobs()
+    up(pool, "a")
+    hot(pool, "here")
+    hot(pool, "there")
+    assert pool.set_available(False)  # the stack's own supervisord stops answering
+    now[0] += 3600
+    pool.expire(now[0])
+    assert pool.record("here").state is State.HOT  # waits for its supervisord
+    assert pool.record("there").state is State.UNLOADING  # its node answers
+    assert pool.any_node_up()
+    assert pool.unloading_idle() == []  # the stop job runs (the fake lifecycle took it)
+
+
+def test_a_failed_adoption_is_not_held_against_the_model() -> None:
+    pool, _ = make("m")
+    up(pool, "a")
+    rec = hot(pool, "m")
+    lose(pool, "a")
+    pool.node_reachable("a", {rec.program: ("RUNNING", 4242)})
+    taken = pool.record("m")
+    assert taken.adopting
+    # A stop still running from before the outage removed it meanwhile.
+    pool.load_failed("m", taken.gen, "worker is no longer known to supervisord", "exited")
+    failed = pool.record("m")
+    assert failed.state is State.FAILED and failed.failures == 0 and failed.retry_at == 0.0
+    assert pool.ensure_loaded("m", wait=False).state is State.WARMING  # at once, no backoff
