@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from controlplane import views
-from controlplane.core import policy
+from controlplane.core import eviction, policy
 from controlplane.core.chores import ChoreEvent, next_chore
 from controlplane.core.slug import program_name
 from controlplane.core.states import OCCUPYING, SERVING, Event, State, next_state
@@ -178,6 +178,7 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
 
     def _views(self) -> list[policy.ModelView]:
         warm = self._kept()
+        now = self.clock()
         return [
             policy.ModelView(
                 model_id=r.entry.model_id,
@@ -191,6 +192,10 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
                 grace_until=r.grace_until,
                 last_used=r.last_used,
                 memory_mb=r.memory(),
+                priority=r.entry.priority,
+                loaded_at=r.loaded_at if r.state in SERVING else None,
+                load_seconds=r.load_seconds,
+                rate=eviction.decayed_rate(r.rate, r.rate_at, now),
             )
             for r in self._records.values()
         ]
@@ -226,6 +231,12 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
                 log.exception("transition listener %r failed", listener)
         self._changed.notify_all()
         return new
+
+    def _count(self, rec: Record, n: int = 1) -> None:
+        """``n`` requests for ``rec`` now (lock held): its request rate, for eviction's cost."""
+        now = self.clock()
+        rec.rate = eviction.count_request(rec.rate, rec.rate_at, now, n)
+        rec.rate_at = now
 
     def _chore(self, rec: Record, event: ChoreEvent) -> None:
         """Apply ``event`` to ``rec``'s chore (lock held): the second table, ``core.chores``.
@@ -281,6 +292,7 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
             rec.grace_until = None
             if not rec.adopting:
                 self.stats.loaded(rec.entry.model_id, now - rec.since)
+                rec.load_seconds = eviction.average_load(rec.load_seconds, now - rec.since)
             self._apply(rec, Event.BECAME_READY, "adopted" if rec.adopting else "ready")
             if rec.adopting:
                 self._chore(rec, ChoreEvent.ADOPTION_ENDED)
@@ -344,6 +356,8 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
             if rec is None or rec.gen != gen or rec.state not in SERVING:
                 return
             active = requests != rec.worker_requests or in_flight > 0
+            if requests > rec.worker_requests:  # served straight from its port meanwhile
+                self._count(rec, requests - rec.worker_requests)
             rec.worker_requests = requests
             rec.worker_in_flight = in_flight
             if memory_mb is not None:

@@ -76,6 +76,7 @@ class Admission:
                 return None
             # Relayed on the event loop, it holds none of the threads _held counts.
             rec.in_flight += 1
+            self._count(rec)
             self.touch(rec, self.clock())
             return self.address_of(rec.node), rec.port, rec.gen
 
@@ -130,6 +131,7 @@ class Admission:
                                 self._check_threads(rec)
                             self._held += 1
                             rec.in_flight += 1
+                            self._count(rec)
                             self.touch(rec, self.clock())
                         if waited:
                             self.stats.waited(model_id, time.monotonic() - began)
@@ -232,7 +234,9 @@ class Admission:
         plan = where.plan
         if where.node is None or not (plan.ok or plan.evict or plan.wait):
             self.stats.refused(rec.entry.model_id)
-            raise NoCapacity(where.reason or plan.reason, retry_after=5)
+            # Room at a known time (models still inside min_resident_seconds): say when.
+            wait = 5.0 if where.room_at is None else max(1.0, where.room_at - self.clock())
+            raise NoCapacity(where.reason or plan.reason, retry_after=wait)
         if not plan.ok:
             for victim in plan.evict:
                 self._begin_unload(self._records[victim], Event.UNLOAD_REQUESTED, "eviction")

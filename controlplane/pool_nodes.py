@@ -110,7 +110,15 @@ class Nodes:
         return views
 
     def _place(self: PoolParts, rec: Record, need_mb: float) -> placement.Placement:
-        want = placement.Want(rec.entry.model_id, need_mb, rec.entry.nodes, rec.entry.labels)
+        want = placement.Want(
+            rec.entry.model_id,
+            need_mb,
+            rec.entry.nodes,
+            rec.entry.labels,
+            rec.entry.priority,
+            self.clock(),
+            self.settings.min_resident_seconds,
+        )
         return placement.place(
             self._node_views(), self._models_by_node(), want, self.settings.placement
         )

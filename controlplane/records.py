@@ -55,6 +55,11 @@ class Record:
     restore_deadline: float | None = None
     loaded_at: float | None = None
     last_used: float = 0.0
+    #: Its load time, a moving average over its loads (``core.eviction``).
+    load_seconds: float | None = None
+    #: Its recent request rate (requests per second, decayed; as of ``rate_at``).
+    rate: float = 0.0
+    rate_at: float = 0.0
     #: Requests counted by the pool itself (front door), in flight now.
     in_flight: int = 0
     #: What the worker last said it has in flight (requests sent straight to its port).

@@ -106,6 +106,8 @@ class Stack:
             "graceful_shutdown_seconds": 3,
             "load_timeout_seconds": 30,
             "service_registry_url": "",
+            # Tests load and evict within seconds; residency is tested where it is the subject.
+            "min_resident_seconds": 0,
         }
         config.update(settings or {})
         self.write_config(config)

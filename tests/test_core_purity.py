@@ -13,7 +13,7 @@ def test_core_imports_nothing_impure() -> None:
         "import sys\n"
         "import controlplane.core.states, controlplane.core.policy\n"
         "import controlplane.core.ports, controlplane.core.slug\n"
-        "import controlplane.core.placement, controlplane.core.chores\n"
+        "import controlplane.core.placement, controlplane.core.chores, controlplane.core.eviction\n"
         f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

@@ -57,7 +57,12 @@ class FakeLifecycle(Lifecycle):
 def make(
     entries: list[ModelEntry], **settings: object
 ) -> tuple[ModelPool, FakeLifecycle, FakeClock]:
-    base = {"min_ttl_minutes": 0.01, "default_ttl_minutes": 1, "grace_period_minutes": 0.5}
+    base: dict[str, object] = {
+        "min_ttl_minutes": 0.01,
+        "default_ttl_minutes": 1,
+        "grace_period_minutes": 0.5,
+        "min_resident_seconds": 0,  # eviction order is what these tests check
+    }
     base.update(settings)
     clock = FakeClock()
     pool = ModelPool(parse_settings(base, Settings()), tuple(entries), clock)

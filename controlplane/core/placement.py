@@ -41,6 +41,10 @@ class Want:
     need_mb: float
     pinned: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
+    #: For eviction (``core.eviction``): the model's priority, the time, the residency.
+    priority: str = "normal"
+    now: float | None = None
+    min_resident_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Placement:
     node: str | None
     plan: CapacityPlan = field(default_factory=lambda: CapacityPlan(ok=False))
     reason: str = ""
+    #: With no node: the earliest time one could make room (models inside their residency).
+    room_at: float | None = None
 
 
 def eligible(node: NodeView, want: Want) -> str | None:
@@ -86,12 +92,20 @@ def place(
     ready: list[tuple[NodeView, CapacityPlan]] = []
     evicting: list[tuple[NodeView, CapacityPlan]] = []
     why: list[str] = []
+    room_at: list[float] = []
     for node in nodes:
         reason = eligible(node, want)
         if reason is None:
             here = models.get(node.name, ())
             plan = plan_capacity(
-                here, want.model_id, want.need_mb, node.max_models, node.memory_limit_mb
+                here,
+                want.model_id,
+                want.need_mb,
+                node.max_models,
+                node.memory_limit_mb,
+                priority=want.priority,
+                now=want.now,
+                min_resident_seconds=want.min_resident_seconds,
             )
             if plan.ok:
                 ready.append((node, plan))
@@ -100,6 +114,8 @@ def place(
                 evicting.append((node, plan))
                 continue
             reason = plan.reason
+            if plan.room_at is not None:
+                room_at.append(plan.room_at)
         why.append(f"{node.name}: {reason}")
     order = {n.name: i for i, n in enumerate(nodes)}
 
@@ -118,6 +134,8 @@ def place(
             return Placement(node.name, plan)
     if not nodes:
         return Placement(None, reason="no node is configured")
+    when = min(room_at, default=None)
     if len(nodes) == 1:  # one node: its own reason, as a single-node pool says it
-        return Placement(None, reason=why[0].split(": ", 1)[1])
-    return Placement(None, reason="no node can take the model (" + "; ".join(why) + ")")
+        return Placement(None, reason=why[0].split(": ", 1)[1], room_at=when)
+    reason = "no node can take the model (" + "; ".join(why) + ")"
+    return Placement(None, reason=reason, room_at=when)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from controlplane.core import eviction
 from controlplane.core.states import OCCUPYING, Event, State
 
 MINUTE: Final = 60.0
@@ -72,6 +73,13 @@ class ModelView:
     grace_until: float | None = None
     last_used: float = 0.0
     memory_mb: float = 0.0
+    priority: str = "normal"
+    #: When it became HOT (None: not loaded).
+    loaded_at: float | None = None
+    #: Its measured load time, a moving average (None: never measured).
+    load_seconds: float | None = None
+    #: Its recent request rate, requests per second (``core.eviction``).
+    rate: float = 0.0
 
 
 def due_events(models: Iterable[ModelView], now: float) -> list[tuple[str, Event]]:
@@ -122,6 +130,9 @@ class CapacityPlan:
     evict: tuple[str, ...] = ()
     wait: bool = False
     reason: str = ""
+    #: When room could be made, if only models still inside their ``min_resident_seconds``
+    #: stand in the way (the time to tell a client in Retry-After).
+    room_at: float | None = None
 
 
 def plan_capacity(
@@ -130,24 +141,35 @@ def plan_capacity(
     need_mb: float,
     max_models: int,
     memory_limit_mb: float,
+    *,
+    priority: str = "normal",
+    now: float | None = None,
+    min_resident_seconds: float = 0.0,
 ) -> CapacityPlan:
-    """Decide whether ``candidate`` fits, and which idle models to evict (LRU first) if not.
+    """Decide whether ``candidate`` (of ``priority``) fits, and which idle models to evict if
+    not, in ``core.eviction``'s order.
 
     Models in UNLOADING still hold their memory and port until they stop, so they count
     against the limits; the caller waits for them rather than overshooting.
-    Evictable: HOT or COOLING, not warmup, nothing in flight.
+    Evictable: HOT or COOLING, not warmup, nothing in flight, not of a higher priority (nor
+    critical), and (with ``now``) loaded at least ``min_resident_seconds`` ago.
     """
     occupying = [m for m in models if m.state in OCCUPYING and m.model_id != candidate]
     unloading = [m for m in occupying if m.state is State.UNLOADING]
     settled = [m for m in occupying if m.state is not State.UNLOADING]
-    evictable = sorted(
-        (
-            m
-            for m in settled
-            if m.state in (State.HOT, State.COOLING) and not m.warmup and m.in_flight == 0
-        ),
-        key=lambda m: (m.last_used, m.model_id),
-    )
+    idle = [
+        m
+        for m in settled
+        if m.state in (State.HOT, State.COOLING)
+        and not m.warmup
+        and m.in_flight == 0
+        and eviction.may_evict_for(m, priority)
+    ]
+    evictable = [
+        m
+        for m in eviction.order(idle)
+        if now is None or now >= eviction.resident_until(m, min_resident_seconds)
+    ]
     limit_mem = memory_limit_mb > 0
 
     def fits(kept: Sequence[ModelView], pending: Sequence[ModelView]) -> bool:
@@ -172,14 +194,27 @@ def plan_capacity(
         evict.append(victim.model_id)
     if fits(kept, ()):
         return CapacityPlan(ok=False, evict=tuple(evict), wait=True)
-    busy = len(settled) - len(evictable)
+    # Would it fit once the models still resident for min_resident_seconds may go?
+    room_at = None
+    if now is not None and len(idle) > len(evictable):
+        kept = list(settled)
+        for victim in sorted(idle, key=lambda m: eviction.resident_until(m, min_resident_seconds)):
+            kept.remove(victim)
+            if fits(kept, ()):
+                room_at = eviction.resident_until(victim, min_resident_seconds)
+                break
+    busy = len(settled) - len(idle)
+    resident = len(idle) - len(evictable)
     return CapacityPlan(
         ok=False,
         reason=(
             f"no capacity: {len(occupying)} of max_concurrent_models {max_models} loaded, "
-            f"{busy} busy or warmup, memory {sum(m.memory_mb for m in occupying):.0f}"
+            f"{busy} busy, warmup or of higher priority"
+            + (f", {resident} loaded less than min_resident_seconds ago" if resident else "")
+            + f", memory {sum(m.memory_mb for m in occupying):.0f}"
             f" of memory_limit_mb {memory_limit_mb:.0f}"
         ),
+        room_at=room_at,
     )
 
 
@@ -199,20 +234,27 @@ def estimate_mb(memory_mb: float | None, file_mb: float | None, default_mb: floa
 
 
 def evict_over_limit(models: Sequence[ModelView], memory_limit_mb: float) -> tuple[str, ...]:
-    """Idle models to unload (LRU first) while the memory in use is over the limit.
+    """Idle models to unload (``core.eviction``'s order) while the memory in use is over the
+    limit.
 
-    Models already UNLOADING are on their way out and do not count; warmup models and models
-    with a request in flight are never chosen. Returns () when within the limit (or none).
+    Models already UNLOADING are on their way out and do not count; warmup and critical models
+    and models with a request in flight are never chosen. Returns () when within the limit (or
+    none).
     """
     if memory_limit_mb <= 0:
         return ()
     settled = [m for m in models if m.state in OCCUPYING and m.state is not State.UNLOADING]
     total = sum(m.memory_mb for m in settled)
     victims: list[str] = []
-    for m in sorted(settled, key=lambda m: (m.last_used, m.model_id)):
+    for m in eviction.order(settled):
         if total <= memory_limit_mb:
             break
-        if m.state in (State.HOT, State.COOLING) and not m.warmup and m.in_flight == 0:
+        if (
+            m.state in (State.HOT, State.COOLING)
+            and not m.warmup
+            and m.in_flight == 0
+            and m.priority != "critical"
+        ):
             victims.append(m.model_id)
             total -= m.memory_mb
     return tuple(victims)

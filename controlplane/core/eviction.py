@@ -1,0 +1,103 @@
+"""Which loaded model makes room for another: priority first, then what an eviction costs.
+
+Rules (pure; the pool applies the result):
+
+- A model is never evicted to make room for a model of lower ``priority``; ``critical`` models
+  are never evicted at all (they still expire by TTL unless warmup). Warmup models and models
+  with a request in flight (or a lease) are never evicted either.
+- A model loaded less than ``min_resident_seconds`` ago is not evicted for another load: two
+  models taking turns over one slot cannot evict each other on every request.
+- Among the models that may go, the lowest priority goes first; among equals, the one whose
+  eviction costs least. The cost is the reload time the pool expects to pay for it::
+
+      cost = load_seconds * (1 - exp(-rate * HORIZON_SECONDS))
+
+  ``load_seconds`` is the model's measured load time (a moving average), ``rate`` its recent
+  request rate (requests per second, decayed over ``RATE_TAU_SECONDS``) and the bracket the
+  chance that at least one request for it arrives within the next ``HORIZON_SECONDS`` (Poisson).
+  A slow-to-load model in use keeps its place; a fast or idle one goes. Ties: least recently
+  used, then the model id.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final, Protocol, TypeVar
+
+PRIORITIES: Final = ("low", "normal", "medium", "high", "critical")
+RANK: Final = {p: i for i, p in enumerate(PRIORITIES)}
+#: How far ahead a reuse counts against evicting a model (seconds).
+HORIZON_SECONDS: Final = 300.0
+#: Time constant of the request-rate average (seconds).
+RATE_TAU_SECONDS: Final = 300.0
+#: Weight of the newest load time in the moving average.
+LOAD_ALPHA: Final = 0.5
+#: The load time assumed for a model never loaded yet (seconds).
+DEFAULT_LOAD_SECONDS: Final = 5.0
+
+
+class Candidate(Protocol):
+    """What the rules read of a loaded model (``policy.ModelView`` has it)."""
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def priority(self) -> str: ...
+    @property
+    def loaded_at(self) -> float | None: ...
+    @property
+    def load_seconds(self) -> float | None: ...
+    @property
+    def rate(self) -> float: ...
+    @property
+    def last_used(self) -> float: ...
+
+
+def rank(priority: str) -> int:
+    return RANK.get(priority, RANK["normal"])
+
+
+def reuse_probability(rate: float, horizon: float = HORIZON_SECONDS) -> float:
+    """The chance of at least one request within ``horizon`` at ``rate`` requests per second."""
+    return 1.0 - math.exp(-max(0.0, rate) * horizon)
+
+
+def cost(m: Candidate) -> float:
+    """The reload time (seconds) expected to be paid if ``m`` is evicted now."""
+    load = DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
+    return load * reuse_probability(m.rate)
+
+
+def may_evict_for(m: Candidate, priority: str) -> bool:
+    """Whether ``m`` may make room for a model of ``priority`` (priority rules only)."""
+    return m.priority != "critical" and rank(m.priority) <= rank(priority)
+
+
+def resident_until(m: Candidate, min_resident_seconds: float) -> float:
+    """When ``m`` may first be evicted for another load."""
+    return (m.loaded_at or 0.0) + min_resident_seconds
+
+
+M = TypeVar("M", bound=Candidate)
+
+
+def order(models: list[M]) -> list[M]:
+    """Models in the order they should make room: lowest priority, cheapest, least recent."""
+    return sorted(models, key=lambda m: (rank(m.priority), cost(m), m.last_used, m.model_id))
+
+
+def decayed_rate(rate: float, since: float, now: float) -> float:
+    """``rate`` as measured at ``since``, decayed to ``now``."""
+    return rate * math.exp(-max(0.0, now - since) / RATE_TAU_SECONDS)
+
+
+def count_request(rate: float, since: float, now: float, n: int = 1) -> float:
+    """The rate after ``n`` requests at ``now`` (an exponentially decayed event rate)."""
+    return decayed_rate(rate, since, now) + n / RATE_TAU_SECONDS
+
+
+def average_load(previous: float | None, measured: float) -> float:
+    """The moving average of a model's load time with a new measurement."""
+    if previous is None:
+        return measured
+    return LOAD_ALPHA * measured + (1 - LOAD_ALPHA) * previous

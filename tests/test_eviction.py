@@ -1,0 +1,207 @@
+"""Eviction (pure, ``core.eviction`` and ``policy.plan_capacity``): priority, reload cost and
+residency, as table tests; then the pool applying them with a fake clock."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from controlplane.core import eviction
+from controlplane.core.policy import ModelView, evict_over_limit, plan_capacity
+from controlplane.core.states import State
+from controlplane.errors import LoadTimeout, NoCapacity
+from controlplane.pool import ModelPool
+from controlplane.records import Lifecycle
+from controlplane.settings import ModelEntry, parse_settings
+
+
+def view(mid: str, **kw: Any) -> ModelView:
+    kw.setdefault("state", State.HOT)
+    kw.setdefault("memory_mb", 1000.0)
+    kw.setdefault("loaded_at", 0.0)
+    return ModelView(model_id=mid, warmup=kw.pop("warmup", False), **kw)
+
+
+@pytest.mark.parametrize(
+    ("load_seconds", "rate", "expected"),
+    [
+        (10.0, 0.0, 0.0),  # never asked for: free to evict
+        (10.0, 1.0, 10.0),  # asked for every second: a reload for sure
+        (10.0, 1 / 300, 10.0 * (1 - math.exp(-1))),  # once per horizon
+        (None, 1.0, eviction.DEFAULT_LOAD_SECONDS),  # never measured: the default load time
+    ],
+)
+def test_cost_is_the_expected_reload_time(
+    load_seconds: float | None, rate: float, expected: float
+) -> None:
+    m = view("m", load_seconds=load_seconds, rate=rate)
+    assert eviction.cost(m) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("victim", "for_priority", "allowed"),
+    [
+        ("low", "low", True),
+        ("normal", "high", True),
+        ("high", "high", True),
+        ("high", "normal", False),  # never for a lower priority
+        ("medium", "low", False),
+        ("critical", "critical", False),  # critical never
+    ],
+)
+def test_priority_rules(victim: str, for_priority: str, allowed: bool) -> None:
+    assert eviction.may_evict_for(view("v", priority=victim), for_priority) is allowed
+
+
+def test_order_is_priority_then_cost_then_least_recent() -> None:
+    models = [
+        view("busy-slow", load_seconds=60.0, rate=0.1, last_used=1.0),
+        view("idle-slow", load_seconds=60.0, rate=0.0, last_used=9.0),
+        view("busy-fast", load_seconds=1.0, rate=0.1, last_used=2.0),
+        view("high-idle", priority="high", load_seconds=1.0, last_used=0.0),
+        view("low-busy", priority="low", load_seconds=60.0, rate=1.0, last_used=9.0),
+        view("idle-fast-older", load_seconds=1.0, rate=0.0, last_used=3.0),
+    ]
+    names = [m.model_id for m in eviction.order(models)]
+    assert names == [
+        "low-busy",  # the lowest priority goes first, whatever it costs
+        "idle-fast-older",  # cost 0, least recently used of the two
+        "idle-slow",  # cost 0
+        "busy-fast",  # cost about 1
+        "busy-slow",  # cost about 60
+        "high-idle",
+    ]
+
+
+def test_the_cheapest_goes_not_the_least_recently_used() -> None:
+    models = [
+        view("old-but-busy", load_seconds=30.0, rate=0.05, last_used=1.0),
+        view("recent-idle", load_seconds=30.0, rate=0.0, last_used=50.0),
+    ]
+    plan = plan_capacity(models, "x", 0, max_models=2, memory_limit_mb=0, now=100.0)
+    assert plan.evict == ("recent-idle",)
+    lru = plan_capacity(models, "x", 0, max_models=2, memory_limit_mb=0)  # equal costs: LRU
+    assert lru.evict == ("recent-idle",)
+
+
+@pytest.mark.parametrize(
+    ("models", "priority", "evict", "reason"),
+    [
+        ([view("h", priority="high")], "normal", (), "busy, warmup or of higher priority"),
+        ([view("h", priority="high")], "high", ("h",), ""),
+        ([view("c", priority="critical")], "critical", (), "of higher priority"),
+        ([view("l", priority="low"), view("n")], "normal", ("l",), ""),
+    ],
+)
+def test_plan_never_evicts_for_a_lower_priority(
+    models: list[ModelView], priority: str, evict: tuple[str, ...], reason: str
+) -> None:
+    max_models = len(models)
+    plan = plan_capacity(models, "x", 0, max_models, 0, priority=priority, now=100.0)
+    assert plan.evict == evict
+    assert reason in plan.reason
+
+
+def test_a_resident_model_is_not_evicted_and_the_plan_says_when_it_may_be() -> None:
+    models = [view("young", loaded_at=90.0), view("younger", loaded_at=95.0)]
+    plan = plan_capacity(models, "x", 0, 2, 0, now=100.0, min_resident_seconds=30)
+    assert not plan.ok and plan.evict == () and not plan.wait
+    assert plan.room_at == 120.0  # the first to pass its residency makes enough room
+    assert "2 loaded less than min_resident_seconds ago" in plan.reason
+    later = plan_capacity(models, "x", 0, 2, 0, now=121.0, min_resident_seconds=30)
+    assert later.evict == ("young",)
+
+
+def test_memory_enforcement_spares_critical_models() -> None:
+    models = [
+        view("crit", priority="critical", memory_mb=6000.0, last_used=0.0),
+        view("norm", memory_mb=3000.0, last_used=5.0),
+    ]
+    assert evict_over_limit(models, 4000) == ("norm",)
+
+
+# --- the pool applies them -------------------------------------------------------------------
+
+
+class Jobs(Lifecycle):
+    def __init__(self) -> None:
+        self.loads: list[tuple[str, int]] = []
+        self.stops: list[str] = []
+
+    def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
+        self.loads.append((model_id, gen))
+
+    def start_stop(self, model_id: str, gen: int, force: bool) -> None:
+        self.stops.append(model_id)
+
+    def start_cleanup(self, model_id: str, gen: int) -> None:
+        pass
+
+    def hurry(self, model_id: str, gen: int) -> None:
+        pass
+
+
+def pool_of(entries: list[ModelEntry], **settings: Any) -> tuple[ModelPool, Jobs, list[float]]:
+    now = [1000.0]
+    pool = ModelPool(parse_settings(settings), tuple(entries), clock=lambda: now[0])
+    jobs = Jobs()
+    pool.lifecycle = jobs
+    return pool, jobs, now
+
+
+def hot(pool: ModelPool, jobs: Jobs, model: str, now: list[float], load_for: float = 0) -> None:
+    pool.ensure_loaded(model, wait=False)
+    now[0] += load_for
+    pool.became_ready(model, jobs.loads[-1][1], 100.0, 1)
+
+
+def test_two_models_taking_turns_over_one_slot_wait_out_the_residency() -> None:
+    pool, jobs, now = pool_of(
+        [ModelEntry("a"), ModelEntry("b")], max_concurrent_models=1, min_resident_seconds=30
+    )
+    hot(pool, jobs, "a", now)
+    now[0] += 10
+    with pytest.raises(NoCapacity) as info:
+        pool.ensure_loaded("b", wait=False)
+    assert info.value.retry_after == pytest.approx(20.0)
+    assert jobs.stops == []  # a stays
+    now[0] += 20  # a's residency is over: it makes room
+    with pytest.raises(LoadTimeout):  # b waits for a to stop; here nobody reports the stop
+        pool.ensure_loaded("b", timeout=0.1)
+    assert jobs.stops == ["a"]
+
+
+def test_the_pool_evicts_the_model_that_is_cheapest_to_reload() -> None:
+    pool, jobs, now = pool_of(
+        [ModelEntry("slow"), ModelEntry("fast"), ModelEntry("new")],
+        max_concurrent_models=2,
+        min_resident_seconds=0,
+    )
+    hot(pool, jobs, "slow", now, load_for=40)
+    hot(pool, jobs, "fast", now, load_for=1)
+    for _ in range(5):  # both in use; "slow" was used least recently
+        with pool.acquire("slow"):
+            pass
+        now[0] += 1
+        with pool.acquire("fast"):
+            pass
+    now[0] += 1
+    with pytest.raises(LoadTimeout):  # new waits for the evicted one to stop
+        pool.ensure_loaded("new", timeout=0.1)
+    assert jobs.stops == ["fast"]  # 1 s to load again, against 40 s
+
+
+def test_a_high_priority_model_is_not_evicted_for_a_low_one() -> None:
+    pool, jobs, now = pool_of(
+        [ModelEntry("boss", priority="high"), ModelEntry("intern", priority="low")],
+        max_concurrent_models=1,
+        min_resident_seconds=0,
+    )
+    hot(pool, jobs, "boss", now)
+    now[0] += 3600
+    with pytest.raises(NoCapacity) as info:
+        pool.ensure_loaded("intern", wait=False)
+    assert "of higher priority" in str(info.value)
+    assert jobs.stops == [] and pool.record("boss").state is State.HOT
