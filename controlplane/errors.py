@@ -52,6 +52,8 @@ class NoCapacity(PoolError):
     """No room within max_concurrent_models / memory_limit_mb, or no free port."""
 
     code = "no_capacity"
+    #: Room may free up (a model expires, is unloaded, passes its residency): worth waiting.
+    waitable = False
 
 
 class LoadFailed(PoolError):

@@ -30,6 +30,7 @@ from controlplane.nodeconfig import LOCAL
 from controlplane.pool_admission import Admission
 from controlplane.pool_leases import Leasing
 from controlplane.pool_nodes import Nodes, NodeSlot
+from controlplane.pool_parts import Ticket
 from controlplane.pool_registry import Registry
 from controlplane.pool_ttl import Ttl
 from controlplane.pool_unload import Unloading
@@ -106,6 +107,9 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
         #: reuses one, so a late report (or release) for the old record matches nothing.
         self._generations = 0
         self.max_waiting_total = max_waiting_total
+        #: Callers waiting for room to load their model, in arrival order (FIFO): only the
+        #: first may start a load when room frees (``capacity_wait_seconds``).
+        self._room_queue: list[Ticket] = []
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from controlplane.errors import (
     NoCapacity,
 )
 from controlplane.nodeconfig import LOCAL
-from controlplane.pool_parts import PoolParts
+from controlplane.pool_parts import PoolParts, Ticket
 from controlplane.records import Record
 from controlplane.settings import (
     IN_PROCESS_BACKENDS,
@@ -121,6 +121,7 @@ class Admission:
         waited_gen: int | None = None  # the load this caller saw in progress
         notify = False
         queued: Record | None = None  # the record this caller is counted as waiting on
+        ticket: Ticket | None = None  # this caller's place in the queue for room
         try:
             with self._lock:
                 while True:
@@ -156,11 +157,24 @@ class Admission:
                             else "no node is reachable (GET /nodes says why)",
                             retry_after=5,
                         )
+                    if ticket is not None and not idle:
+                        self._leave_room_queue(ticket)  # its load started (for another caller)
+                        ticket = None
                     if idle and rec.chore is Chore.NONE:
-                        started_gen = self._try_start(rec, manual)
-                        notify = notify or started_gen is not None
-                        if started_gen is not None:
-                            continue
+                        if not self._room_queue or self._room_queue[0] is ticket:
+                            try:
+                                started_gen = self._try_start(rec, manual)
+                            except NoCapacity as refusal:
+                                ticket = self._wait_for_room(ticket, refusal, wait, began)
+                            else:
+                                notify = notify or started_gen is not None
+                                if started_gen is not None:
+                                    if ticket is not None:
+                                        self._leave_room_queue(ticket)
+                                        ticket = None
+                                    continue
+                        else:  # others wait for room already: behind them, in order
+                            ticket = self._wait_for_room(ticket, None, wait, began)
                     remaining = give_up - time.monotonic()
                     if remaining <= 0:
                         raise LoadTimeout(
@@ -175,11 +189,49 @@ class Admission:
                         queued = rec
                     self._changed.wait(min(remaining, 1.0))
         finally:
-            if queued is not None:
+            if queued is not None or ticket is not None:
                 with self._lock:
-                    self._dequeue(queued)
+                    if queued is not None:
+                        self._dequeue(queued)
+                    if ticket is not None:
+                        self._leave_room_queue(ticket)
             if notify:
                 self.on_change()
+
+    def _wait_for_room(
+        self: PoolParts,
+        ticket: Ticket | None,
+        refusal: NoCapacity | None,
+        wait: bool,
+        began: float,
+    ) -> Ticket:
+        """A load that finds no room (``refusal``), or others already waiting for room: take a
+        place in the FIFO queue (lock held), for up to ``capacity_wait_seconds`` from
+        ``began``; past that, or if waiting cannot help, the refusal (503 + Retry-After)."""
+        limit = self.settings.capacity_wait_seconds
+        now = time.monotonic()
+        if refusal is not None and (not wait or not refusal.waitable or limit <= 0):
+            raise refusal
+        if not wait:  # a load call that returns at once does not queue
+            raise NoCapacity(
+                f"{len(self._room_queue)} loads wait for room before this one", retry_after=5
+            )
+        if ticket is None:
+            ticket = Ticket(began + limit)
+            self._room_queue.append(ticket)
+        if now >= ticket.until:
+            self._leave_room_queue(ticket)
+            raise NoCapacity(
+                f"no room within capacity_wait_seconds ({limit:g} s)"
+                + (f": {refusal}" if refusal is not None else f"; {len(self._room_queue)} wait"),
+                retry_after=refusal.retry_after if refusal is not None else 5,
+            )
+        return ticket
+
+    def _leave_room_queue(self: PoolParts, ticket: Ticket) -> None:
+        if ticket in self._room_queue:
+            self._room_queue.remove(ticket)
+            self._changed.notify_all()  # the next in line may try
 
     def _enqueue(self: PoolParts, rec: Record) -> None:
         """Count a caller as waiting for ``rec`` (lock held), or refuse it at once.
@@ -236,7 +288,9 @@ class Admission:
             self.stats.refused(rec.entry.model_id)
             # Room at a known time (models still inside min_resident_seconds): say when.
             wait = 5.0 if where.room_at is None else max(1.0, where.room_at - self.clock())
-            raise NoCapacity(where.reason or plan.reason, retry_after=wait)
+            refusal = NoCapacity(where.reason or plan.reason, retry_after=wait)
+            refusal.waitable = where.waitable
+            raise refusal
         if not plan.ok:
             for victim in plan.evict:
                 self._begin_unload(self._records[victim], Event.UNLOAD_REQUESTED, "eviction")

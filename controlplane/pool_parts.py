@@ -16,12 +16,22 @@ from typing import TYPE_CHECKING, Protocol
 from controlplane.core import placement, policy
 from controlplane.core.chores import ChoreEvent
 from controlplane.core.states import Event, State
+from controlplane.errors import NoCapacity
 from controlplane.records import Lifecycle, Record
 from controlplane.settings import Settings
 from controlplane.stats import PoolStats
 
 if TYPE_CHECKING:
     from controlplane.pool_nodes import NodeSlot
+
+
+class Ticket:
+    """A caller's place in the queue for room (FIFO), until a time (``time.monotonic``)."""
+
+    __slots__ = ("until",)
+
+    def __init__(self, until: float) -> None:
+        self.until = until
 
 
 class PoolParts(Protocol):
@@ -50,6 +60,7 @@ class PoolParts(Protocol):
     _waiting: int
     _held: int
     _generations: int
+    _room_queue: list[Ticket]
 
     # pool.py
     def _get(self, model_id: str) -> Record: ...
@@ -84,6 +95,10 @@ class PoolParts(Protocol):
     def _enqueue(self, rec: Record) -> None: ...
     def _check_threads(self, rec: Record) -> None: ...
     def _dequeue(self, rec: Record) -> None: ...
+    def _wait_for_room(
+        self, ticket: Ticket | None, refusal: NoCapacity | None, wait: bool, began: float
+    ) -> Ticket: ...
+    def _leave_room_queue(self, ticket: Ticket) -> None: ...
     def _try_start(self, rec: Record, manual: bool) -> int | None: ...
     def _new_generation(self, rec: Record) -> None: ...
     def _start_load(self, rec: Record, adopt: bool) -> None: ...

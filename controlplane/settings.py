@@ -209,6 +209,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _num(0, DAY_SECONDS),
         "a model loaded this recently is not evicted for another load",
     ),
+    Setting(
+        "capacity_wait_seconds",
+        _num(0, DAY_SECONDS),
+        "a load that finds no room waits this long, in order, before 503",
+    ),
     Setting("nodes", parse_nodes, "remote nodes (supervisord hosts) for workers", restart=True),
     Setting("local_node", check_bool, "load models on the stack's own supervisord too"),
     Setting("node_timeout_seconds", _num(1, DAY_SECONDS), "unreachable this long: node DOWN"),
@@ -250,6 +255,7 @@ class Settings:
     service_registry_heartbeat_seconds: float = 30.0
     api_key: str = ""
     min_resident_seconds: float = 30.0
+    capacity_wait_seconds: float = 30.0
     nodes: tuple[NodeConfig, ...] = ()
     local_node: bool = True
     node_timeout_seconds: float = 10.0

@@ -4,6 +4,8 @@ residency, as table tests; then the pool applying them with a fake clock."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -205,3 +207,97 @@ def test_a_high_priority_model_is_not_evicted_for_a_low_one() -> None:
         pool.ensure_loaded("intern", wait=False)
     assert "of higher priority" in str(info.value)
     assert jobs.stops == [] and pool.record("boss").state is State.HOT
+
+
+# --- waiting for room, in order ----------------------------------------------------------------
+
+
+class AsyncJobs(Lifecycle):
+    """Loads become ready and stops end a moment later, from threads of their own, as the real
+    lifecycle reports them; the order in which loads started is recorded."""
+
+    def __init__(self) -> None:
+        self.pool: ModelPool | None = None
+        self.started: list[str] = []
+
+    def _later(self, fn: Any, *args: Any) -> None:
+        threading.Timer(0.05, fn, args).start()
+
+    def start_load(self, model_id: str, gen: int, adopt: bool) -> None:
+        assert self.pool is not None
+        self.started.append(model_id)
+        self._later(self.pool.became_ready, model_id, gen, 100.0, 1)
+
+    def start_stop(self, model_id: str, gen: int, force: bool) -> None:
+        assert self.pool is not None
+        self._later(self.pool.stopped, model_id, gen)
+
+    def start_cleanup(self, model_id: str, gen: int) -> None:
+        pass
+
+    def hurry(self, model_id: str, gen: int) -> None:
+        pass
+
+
+def test_loads_that_find_no_room_wait_and_are_served_in_arrival_order() -> None:
+    names = ["held", "b", "c", "d"]
+    pool = ModelPool(
+        parse_settings(
+            {"max_concurrent_models": 1, "min_resident_seconds": 0, "capacity_wait_seconds": 10}
+        ),
+        tuple(ModelEntry(m) for m in names),
+    )
+    jobs = AsyncJobs()
+    jobs.pool = pool
+    pool.lifecycle = jobs
+    held = pool.begin_request("held", timeout=5)  # a request in flight: nothing can be evicted
+    served: list[str] = []
+    errors: list[BaseException] = []
+
+    def request(model: str) -> None:
+        try:
+            with pool.acquire(model, timeout=10):
+                served.append(model)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def queued(n: int) -> bool:
+        return pool.wait_for(lambda: len(pool._room_queue) == n, 5)
+
+    threads = []
+    for model in ("b", "c", "d"):  # arrive in this order, all finding no room
+        t = threading.Thread(target=request, args=(model,))
+        t.start()
+        threads.append(t)
+        assert queued(len(threads))
+    assert jobs.started == ["held"]  # nobody jumped in
+    pool.release("held", held.gen)  # room frees: b first, then c, then d
+    for t in threads:
+        t.join(10)
+    assert not errors, errors
+    assert jobs.started == ["held", "b", "c", "d"] and served == ["b", "c", "d"]
+    assert pool._room_queue == []
+
+
+def test_a_wait_for_room_ends_in_503_after_capacity_wait_seconds() -> None:
+    pool = ModelPool(
+        parse_settings(
+            {"max_concurrent_models": 1, "min_resident_seconds": 0, "capacity_wait_seconds": 0.3}
+        ),
+        (ModelEntry("held"), ModelEntry("b")),
+    )
+    jobs = AsyncJobs()
+    jobs.pool = pool
+    pool.lifecycle = jobs
+    held = pool.begin_request("held", timeout=5)
+    began = time.monotonic()
+    with pytest.raises(NoCapacity) as info:
+        pool.ensure_loaded("b", timeout=10)
+    assert 0.3 <= time.monotonic() - began < 3
+    assert "capacity_wait_seconds" in str(info.value) and info.value.retry_after
+    assert pool._room_queue == []
+    # A load call that returns at once never queues.
+    with pytest.raises(NoCapacity):
+        pool.ensure_loaded("b", wait=False)
+    assert time.monotonic() - began < 3
+    pool.release("held", held.gen)

@@ -4,6 +4,7 @@ the Ollama stand-in and one model slot."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import Any
 
@@ -22,6 +23,8 @@ def stack(make_stack: Any) -> Stack:
         {"model_id": "intern", "priority": "low", **TINY},
         {"model_id": "a", **TINY},
         {"model_id": "b", **TINY},
+        {"model_id": "c", **TINY},
+        {"model_id": "d", **TINY},
     ]
     settings = {"max_concurrent_models": 1, "min_resident_seconds": RESIDENT}
     return make_stack(models, settings)  # type: ignore[no-any-return]
@@ -88,3 +91,37 @@ def test_two_models_taking_turns_over_one_slot_respect_the_residency(stack: Stac
     assert 2 <= switches <= elapsed / RESIDENT + 1, (switches, elapsed, i)
     assert served >= i // 3 and refused > i // 3, (served, refused, i)
     assert all(0 < w <= RESIDENT + 1 for w in waits), waits
+
+
+def test_requests_that_find_no_room_wait_and_are_served_in_arrival_order(stack: Stack) -> None:
+    unload_all(stack)
+    patched = stack.request("PATCH", "/config", {"capacity_wait_seconds": 30})
+    assert patched.status_code == 200, patched.text
+    try:
+        lease = stack.post("/models/a/leases", {"seconds": 120, "holder": "test"})
+        assert lease.status_code == 201, lease.text
+        stack.wait_state("a", "HOT")
+        done: dict[str, float] = {}
+        codes: dict[str, int] = {}
+
+        def ask(model: str) -> None:
+            codes[model] = chat(stack, model).status_code
+            done[model] = time.monotonic()
+
+        threads = []
+        for model in ("b", "c", "d"):  # no room: a is leased
+            t = threading.Thread(target=ask, args=(model,))
+            t.start()
+            threads.append(t)
+            time.sleep(0.3)
+        assert not done  # all three wait
+        ended = stack.request("DELETE", f"/models/a/leases/{lease.json()['lease_id']}")
+        assert ended.status_code == 204
+        for t in threads:
+            t.join(60)
+        assert codes == {"b": 200, "c": 200, "d": 200}
+        # Served in arrival order, each after the one before had been resident long enough.
+        assert done["b"] < done["c"] < done["d"]
+        assert done["d"] - done["c"] >= RESIDENT - 0.5
+    finally:
+        stack.request("PATCH", "/config", {"capacity_wait_seconds": 0})

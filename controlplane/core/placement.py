@@ -59,6 +59,8 @@ class Placement:
     reason: str = ""
     #: With no node: the earliest time one could make room (models inside their residency).
     room_at: float | None = None
+    #: With no node: some node could take the model once room frees (worth waiting for).
+    waitable: bool = False
 
 
 def eligible(node: NodeView, want: Want) -> str | None:
@@ -93,6 +95,7 @@ def place(
     evicting: list[tuple[NodeView, CapacityPlan]] = []
     why: list[str] = []
     room_at: list[float] = []
+    waitable = False
     for node in nodes:
         reason = eligible(node, want)
         if reason is None:
@@ -114,6 +117,8 @@ def place(
                 evicting.append((node, plan))
                 continue
             reason = plan.reason
+            limit = node.memory_limit_mb
+            waitable = waitable or limit <= 0 or want.need_mb <= limit
             if plan.room_at is not None:
                 room_at.append(plan.room_at)
         why.append(f"{node.name}: {reason}")
@@ -136,6 +141,6 @@ def place(
         return Placement(None, reason="no node is configured")
     when = min(room_at, default=None)
     if len(nodes) == 1:  # one node: its own reason, as a single-node pool says it
-        return Placement(None, reason=why[0].split(": ", 1)[1], room_at=when)
+        return Placement(None, reason=why[0].split(": ", 1)[1], room_at=when, waitable=waitable)
     reason = "no node can take the model (" + "; ".join(why) + ")"
-    return Placement(None, reason=reason, room_at=when)
+    return Placement(None, reason=reason, room_at=when, waitable=waitable)
