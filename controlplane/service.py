@@ -6,6 +6,7 @@ as a whole first and changes nothing when invalid.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from controlplane.adapters.worker import HttpWorkerProbe, WorkerProbe
 from controlplane.configstore import ConfigStore, atomic_write
 from controlplane.core.slug import PROGRAM_PREFIX
 from controlplane.core.states import State
+from controlplane.drift import DriftRepair
 from controlplane.errors import Conflict, InvalidInput
 from controlplane.lifecycle import Workers
 from controlplane.monitor import NodeMonitor, call_timeout
@@ -94,9 +96,18 @@ class PoolService:
         self.pool.on_change = self.reaper.wake
         self.reaper.after_tick = self._keep_warm
         self.reaper.watch.remove = self._remove_orphan
+        self.reaper.watch.drift = DriftRepair(
+            self.pool, LOCAL, lambda: self.pool.settings.ollama_base_url, self.workers.spawn
+        )
         self.monitors = [NodeMonitor(self.pool, n, self.probe) for n in remotes]
-        for m in self.monitors:
+        for m, n in zip(self.monitors, remotes, strict=True):
             m.watch.remove = self._remove_orphan
+            m.watch.drift = DriftRepair(
+                self.pool,
+                n.name,
+                functools.partial(str, n.config.ollama_base_url),
+                self.workers.spawn,
+            )
         self.announcer: RegistryAnnouncer | None = None
         if settings.service_registry_url:
             self.announcer = RegistryAnnouncer(

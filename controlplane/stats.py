@@ -66,6 +66,8 @@ class PoolStats:
         self.load_failures: dict[tuple[str, str], int] = defaultdict(int)
         self.unloads: dict[tuple[str, str], int] = defaultdict(int)
         self.capacity_refusals: dict[str, int] = defaultdict(int)
+        #: Times Ollama was found without a model the pool has HOT (and it was pinned again).
+        self.drift: dict[str, int] = defaultdict(int)
         self.load_duration: dict[str, Histogram] = defaultdict(Histogram)
         self.load_wait: dict[str, Histogram] = defaultdict(Histogram)
 
@@ -88,6 +90,10 @@ class PoolStats:
         with self._lock:
             self.capacity_refusals[model] += 1
 
+    def drifted(self, model: str) -> None:
+        with self._lock:
+            self.drift[model] += 1
+
     def waited(self, model: str, seconds: float) -> None:
         with self._lock:
             self.load_wait[model].observe(seconds)
@@ -100,6 +106,7 @@ class PoolStats:
             copy.load_failures.update(self.load_failures)
             copy.unloads.update(self.unloads)
             copy.capacity_refusals.update(self.capacity_refusals)
+            copy.drift.update(self.drift)
             for src, dst in (
                 (self.load_duration, copy.load_duration),
                 (self.load_wait, copy.load_wait),

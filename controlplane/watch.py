@@ -15,6 +15,7 @@ from typing import Final
 from controlplane.adapters.supervisord import ProcessInfo, SupervisorClient
 from controlplane.adapters.worker import WorkerProbe
 from controlplane.core.slug import PROGRAM_PREFIX
+from controlplane.drift import DriftRepair
 from controlplane.lifecycle import Workers, log_excerpt
 from controlplane.pool import ModelPool
 from controlplane.records import Loaded
@@ -48,6 +49,8 @@ class WorkerWatch:
         self.probe = probe
         #: Removes a program of this node that belongs to no model (set by the service).
         self.remove: Callable[[str, str], None] = lambda node, name: None
+        #: Checks the node's Ollama against its HOT Ollama models (set by the service).
+        self.drift: DriftRepair | None = None
         self._sweeping: set[str] = set()
 
     def check(self, procs: dict[str, ProcessInfo], serving: set[str], loaded: list[Loaded]) -> None:
@@ -72,6 +75,8 @@ class WorkerWatch:
                     Workers.measure(w.backend, info.pid, health.memory_mb, self.local),
                 )
         self._sweep_orphans(procs)
+        if self.drift is not None:
+            self.drift.check(loaded, serving)
 
     def _sweep_orphans(self, procs: dict[str, ProcessInfo]) -> None:
         """Remove running model programs that no model owns (they would hold memory and a port)."""

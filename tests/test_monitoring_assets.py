@@ -62,6 +62,7 @@ DOCUMENTED_METRICS: dict[str, MetricDoc] = {
     "modelpool_memory_limit_bytes": _doc("gauge"),
     "modelpool_memory_used_bytes": _doc("gauge"),
     "modelpool_supervisord_up": _doc("gauge"),
+    "modelpool_backend_drift_total": _doc("counter", "model"),
     "modelpool_node_up": _doc("gauge", "node"),
     "modelpool_node_memory_used_bytes": _doc("gauge", "node"),
     "modelpool_node_memory_limit_bytes": _doc("gauge", "node"),

@@ -9,8 +9,10 @@ import time
 from typing import Any
 
 import pytest
+import requests
 
-from tests.stack import Stack
+from tests.ollama_standin import OllamaStandin
+from tests.stack import Stack, wait_until
 
 RESIDENT = 3.0
 TINY = {"upstream_model": "tiny:1b", "ttl_minutes": 30}
@@ -125,3 +127,30 @@ def test_requests_that_find_no_room_wait_and_are_served_in_arrival_order(stack: 
         assert done["d"] - done["c"] >= RESIDENT - 0.5
     finally:
         stack.request("PATCH", "/config", {"capacity_wait_seconds": 0})
+
+
+def drift_count(stack: Stack, model: str) -> float:
+    text = stack.get("/metrics").text
+    found = re.findall(rf'^modelpool_backend_drift_total{{model="{model}"}} ([0-9.]+)$', text, re.M)
+    assert len(found) == 1, found
+    return float(found[0])
+
+
+def test_a_model_ollama_dropped_behind_the_pools_back_is_pinned_again(
+    stack: Stack, standin: OllamaStandin
+) -> None:
+    unload_all(stack)
+    assert chat(stack, "a").status_code == 200
+    assert "tiny:1b" in standin.loaded
+    before = drift_count(stack, "a")
+    # Another client of the same Ollama unloads the model (keep_alive 0).
+    requests.post(
+        standin.url + "/api/generate", json={"model": "tiny:1b", "keep_alive": 0}, timeout=10
+    ).raise_for_status()
+    assert "tiny:1b" not in standin.loaded
+    # Within a reaper pass (a second) the pool notices and pins it again, forever.
+    wait_until(lambda: "tiny:1b" in standin.loaded, 5)
+    assert standin.loaded["tiny:1b"] is None  # keep_alive -1: no expiry
+    assert drift_count(stack, "a") == before + 1
+    assert stack.state("a") == "HOT"
+    assert chat(stack, "a").status_code == 200

@@ -167,6 +167,11 @@ class PoolCollector(Collector):
         refusals = CounterMetricFamily(
             "modelpool_capacity_refusals", "Loads refused for lack of room", labels=["model"]
         )
+        drift = CounterMetricFamily(
+            "modelpool_backend_drift",
+            "Times Ollama had dropped a HOT model and it was pinned again",
+            labels=["model"],
+        )
         failures = CounterMetricFamily(
             "modelpool_load_failures", "Loads that failed, by reason", labels=["model", "reason"]
         )
@@ -176,11 +181,12 @@ class PoolCollector(Collector):
         for model in models:
             loads.add_metric([model], st.loads.get(model, 0))
             refusals.add_metric([model], st.capacity_refusals.get(model, 0))
+            drift.add_metric([model], st.drift.get(model, 0))
             for reason in LOAD_FAILURE_REASONS:
                 failures.add_metric([model, reason], st.load_failures.get((model, reason), 0))
             for reason in UNLOAD_REASONS:
                 unloads.add_metric([model, reason], st.unloads.get((model, reason), 0))
-        yield from (loads, failures, unloads, refusals)
+        yield from (loads, failures, unloads, refusals, drift)
         known = set(models)
         yield _histogram(
             "modelpool_load_duration_seconds",

@@ -57,7 +57,7 @@ def _new_session() -> requests.Session:
     return session
 
 
-def _same_model(listed: Any, wanted: str) -> bool:
+def same_model(listed: Any, wanted: str) -> bool:
     # Ollama reports "llama3" as "llama3:latest".
     def full(name: str) -> str:
         return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
@@ -176,7 +176,7 @@ class OllamaBackend:
         for entry in models:
             if not isinstance(entry, dict):
                 continue
-            if _same_model(entry.get("name"), self.model) or _same_model(
+            if same_model(entry.get("name"), self.model) or same_model(
                 entry.get("model"), self.model
             ):
                 size = entry.get("size")
