@@ -15,7 +15,7 @@ from typing import Any, Final
 import requests
 
 from controlplane.adapters.worker import local_session
-from controlplane.core.states import SERVING
+from controlplane.core.states import OCCUPYING, SERVING
 from controlplane.errors import UnknownModel
 from controlplane.pool import ModelPool
 from controlplane.records import Loaded
@@ -95,10 +95,11 @@ class DriftRepair:
         return dropped
 
     def _repin(self, w: Loaded, base: str, name: str, options: dict[str, Any]) -> None:
+        session = local_session()  # this thread's own: a Session is not shared across threads
         try:
             payload = {"model": name, "keep_alive": KEEP_FOREVER, "options": options}
             try:
-                self._session.post(
+                session.post(
                     base + "/api/generate", json={**payload, "stream": False}, timeout=300
                 ).close()
             except requests.RequestException as exc:
@@ -106,16 +107,18 @@ class DriftRepair:
                 return
             try:
                 rec = self.pool.record(w.model_id)
-                gone = rec.gen != w.gen or rec.state not in SERVING
+                gone = rec.node != self.node or rec.state not in OCCUPYING
             except UnknownModel:
                 gone = True
             if gone:
-                # Unloaded meanwhile: its worker already let go, so let go of our pin too.
-                self._session.post(
+                # Unloaded meanwhile (and not loaded here again): its worker already let go,
+                # so let go of our pin too.
+                session.post(
                     base + "/api/generate", json={"model": name, "keep_alive": 0}, timeout=10
                 ).close()
         except Exception:
             log.exception("drift repair of %s failed", w.model_id)
         finally:
+            session.close()
             with self._lock:
                 self._repinning.discard(w.model_id)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from controlplane.validate import (
     ConfigError,
@@ -83,6 +83,18 @@ def check_labels(key: str, value: Any) -> tuple[str, ...]:
     return labels
 
 
+def _split(key: str, url: str) -> SplitResult:
+    """``url`` split, with a host and a numeric port if any (ConfigError otherwise)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {url!r} is not a URL ({exc})") from None
+    if not parts.hostname:
+        raise ConfigError(f"{key}: {url!r} has no host")
+    return parts
+
+
 def parse_node(raw: Any, key: str) -> NodeConfig:
     """One ``nodes:`` entry; errors name ``key.field``."""
     if isinstance(raw, NodeConfig):
@@ -102,7 +114,7 @@ def parse_node(raw: Any, key: str) -> NodeConfig:
             "settings); give a remote node another name"
         )
     url = check_url(f"{key}.url", raw["url"])
-    parts = urlsplit(url)
+    parts = _split(f"{key}.url", url)
     if parts.scheme != "http":
         raise ConfigError(
             f"{key}.url: {url!r}: supervisord's XML-RPC server speaks plain http (keep nodes on "
@@ -135,6 +147,7 @@ def parse_node(raw: Any, key: str) -> NodeConfig:
         )
     if "ollama_base_url" in raw:
         values["ollama_base_url"] = check_url(f"{key}.ollama_base_url", raw["ollama_base_url"])
+        _split(f"{key}.ollama_base_url", values["ollama_base_url"])
     if "labels" in raw:
         values["labels"] = check_labels(f"{key}.labels", raw["labels"])
     return NodeConfig(

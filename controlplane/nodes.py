@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit, urlunsplit
 
 from controlplane.adapters.procmem import pids_with_cmdline, terminate
 from controlplane.adapters.supervisord import (
@@ -50,6 +51,21 @@ def port_checker(host: str) -> Callable[[int], bool]:
             return True
 
     return is_free
+
+
+def reachable_ollama(config: NodeConfig) -> str:
+    """A node's ``ollama_base_url`` as the control plane reaches it: the URL is the workers'
+    (on the node), so a loopback host there means the node's own address here."""
+    parts = urlsplit(config.ollama_base_url)
+    host = parts.hostname or ""
+    if _loopback(host) and not _loopback(config.address):
+        netloc = config.address + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return config.ollama_base_url
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def read_password(path: str) -> str:

@@ -360,8 +360,6 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
             if rec is None or rec.gen != gen or rec.state not in SERVING:
                 return
             active = requests != rec.worker_requests or in_flight > 0
-            if requests > rec.worker_requests:  # served straight from its port meanwhile
-                self._count(rec, requests - rec.worker_requests)
             rec.worker_requests = requests
             rec.worker_in_flight = in_flight
             if memory_mb is not None:

@@ -47,6 +47,7 @@ class Admission:
         *,
         manual: bool = False,
         wait: bool = True,
+        queue: bool = True,
     ) -> Record:
         """Make ``model_id`` HOT (or start it, with ``wait=False``) and return its record.
 
@@ -55,7 +56,7 @@ class Admission:
         skips the retry backoff of a FAILED model. Raises UnknownModel, NoCapacity, LoadFailed,
         LoadTimeout.
         """
-        return self._ensure(model_id, timeout, manual=manual, wait=wait, hold=False)
+        return self._ensure(model_id, timeout, manual=manual, wait=wait, hold=False, queue=queue)
 
     def begin_request(self: PoolParts, model_id: str, timeout: float | None = None) -> Record:
         """Load if needed and count a request as in flight, in one hold of the lock.
@@ -112,6 +113,7 @@ class Admission:
         manual: bool,
         wait: bool,
         hold: bool,
+        queue: bool = True,
     ) -> Record:
         limit = self.settings.load_timeout_seconds if timeout is None else timeout
         began = time.monotonic()
@@ -160,12 +162,21 @@ class Admission:
                     if ticket is not None and not idle:
                         self._leave_room_queue(ticket)  # its load started (for another caller)
                         ticket = None
+                    if ticket is not None and time.monotonic() >= ticket.until:
+                        self._leave_room_queue(ticket)
+                        ticket = None
+                        raise NoCapacity(
+                            f"model {model_id!r} found no room within capacity_wait_seconds "
+                            f"({self.settings.capacity_wait_seconds:g} s)",
+                            retry_after=5,
+                        )
+                    queues = wait and queue and self.settings.capacity_wait_seconds > 0
                     if idle and rec.chore is Chore.NONE:
                         if not self._room_queue or self._room_queue[0] is ticket:
                             try:
                                 started_gen = self._try_start(rec, manual)
                             except NoCapacity as refusal:
-                                ticket = self._wait_for_room(ticket, refusal, wait, began)
+                                ticket = self._wait_for_room(ticket, refusal, queues, began)
                             else:
                                 notify = notify or started_gen is not None
                                 if started_gen is not None:
@@ -173,8 +184,17 @@ class Admission:
                                         self._leave_room_queue(ticket)
                                         ticket = None
                                     continue
+                                if ticket is None and queues:
+                                    # Room is being made for it (evictions): it keeps its place
+                                    # ahead of later callers until its load starts (its wait
+                                    # is bounded by the load timeout, not the room wait).
+                                    ticket = Ticket(math.inf)
+                                    self._room_queue.append(ticket)
                         else:  # others wait for room already: behind them, in order
-                            ticket = self._wait_for_room(ticket, None, wait, began)
+                            where = self._place(rec, self._estimate(rec))
+                            if where.node is None and not where.waitable:
+                                raise NoCapacity(where.reason, retry_after=5)  # never fits
+                            ticket = self._wait_for_room(ticket, None, queues, began)
                     remaining = give_up - time.monotonic()
                     if remaining <= 0:
                         raise LoadTimeout(
@@ -212,7 +232,7 @@ class Admission:
         now = time.monotonic()
         if refusal is not None and (not wait or not refusal.waitable or limit <= 0):
             raise refusal
-        if not wait:  # a load call that returns at once does not queue
+        if not wait:  # a load call that returns at once (or a warmup load) does not queue
             raise NoCapacity(
                 f"{len(self._room_queue)} loads wait for room before this one", retry_after=5
             )

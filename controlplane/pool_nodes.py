@@ -118,6 +118,7 @@ class Nodes:
             rec.entry.priority,
             self.clock(),
             self.settings.min_resident_seconds,
+            self.settings.eviction_order,
         )
         return placement.place(
             self._node_views(), self._models_by_node(), want, self.settings.placement

@@ -86,11 +86,19 @@ class PoolParts(Protocol):
         *,
         manual: bool = False,
         wait: bool = True,
+        queue: bool = True,
     ) -> Record: ...
     def begin_request(self, model_id: str, timeout: float | None = None) -> Record: ...
     def release(self, model_id: str, gen: int, thread: bool = True) -> None: ...
     def _ensure(
-        self, model_id: str, timeout: float | None, *, manual: bool, wait: bool, hold: bool
+        self,
+        model_id: str,
+        timeout: float | None,
+        *,
+        manual: bool,
+        wait: bool,
+        hold: bool,
+        queue: bool = True,
     ) -> Record: ...
     def _enqueue(self, rec: Record) -> None: ...
     def _check_threads(self, rec: Record) -> None: ...

@@ -133,8 +133,8 @@ class Unloading:
     def _reload(self: PoolParts, rec: Record) -> None:
         """Load again a model whose outdated worker just stopped (lock held)."""
         rec.reload = False
-        if self.draining or not self._any_node_up():
-            return  # the next request or warmup pass loads it
+        if self.draining or not self._any_node_up() or self._room_queue:
+            return  # the next request or warmup pass loads it (after those waiting for room)
         if not self._place(rec, self._estimate(rec)).plan.ok:
             return  # no eviction for a reload nobody asked for: the next request loads it
         try:
@@ -193,7 +193,9 @@ class Unloading:
                 if not slot.up:
                     continue
                 limit = self._node_limits(slot)[2]
-                victims += policy.evict_over_limit(by_node.get(slot.name, []), limit)
+                victims += policy.evict_over_limit(
+                    by_node.get(slot.name, []), limit, self.settings.eviction_order
+                )
             for model_id in victims:
                 self._begin_unload(self._records[model_id], Event.UNLOAD_REQUESTED, "memory")
             return victims

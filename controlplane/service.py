@@ -26,7 +26,7 @@ from controlplane.lifecycle import Workers
 from controlplane.monitor import NodeMonitor, call_timeout
 from controlplane.node import Node
 from controlplane.nodeconfig import LOCAL
-from controlplane.nodes import LocalNode, RemoteNode, WorkerNode, port_checker
+from controlplane.nodes import LocalNode, RemoteNode, WorkerNode, port_checker, reachable_ollama
 from controlplane.pool import ModelPool
 from controlplane.pool_nodes import LostWorker
 from controlplane.reaper import Reaper, StateFile
@@ -105,7 +105,7 @@ class PoolService:
             m.watch.drift = DriftRepair(
                 self.pool,
                 n.name,
-                functools.partial(str, n.config.ollama_base_url),
+                functools.partial(str, reachable_ollama(n.config)),
                 self.workers.spawn,
             )
         self.announcer: RegistryAnnouncer | None = None
@@ -296,7 +296,8 @@ class PoolService:
 
         def run() -> None:
             try:
-                self.pool.ensure_loaded(model_id, manual=manual)
+                # A warmup load does not queue for room ahead of requests: it is tried again.
+                self.pool.ensure_loaded(model_id, manual=manual, queue=False)
             except Exception as exc:
                 log.warning("warmup load of %s failed: %s", model_id, exc)
             finally:

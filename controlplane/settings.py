@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from controlplane.core.eviction import ORDERS
 from controlplane.core.placement import STRATEGIES
 from controlplane.core.schedule import ScheduleError, Window, parse_window
 from controlplane.nodeconfig import LOCAL, NodeConfig, check_labels, check_node_name, parse_nodes
@@ -210,6 +211,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "a model loaded this recently is not evicted for another load",
     ),
     Setting(
+        "eviction_order",
+        _choice(ORDERS),
+        "cost (priority, then reload cost) or lru (plain LRU, for comparison)",
+    ),
+    Setting(
         "capacity_wait_seconds",
         _num(0, DAY_SECONDS),
         "a load that finds no room waits this long, in order, before 503",
@@ -255,6 +261,7 @@ class Settings:
     service_registry_heartbeat_seconds: float = 30.0
     api_key: str = ""
     min_resident_seconds: float = 30.0
+    eviction_order: str = "cost"
     capacity_wait_seconds: float = 30.0
     nodes: tuple[NodeConfig, ...] = ()
     local_node: bool = True

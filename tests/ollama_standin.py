@@ -299,12 +299,15 @@ class OllamaStandin:
         *,
         default_keep_alive: float = DEFAULT_KEEP_ALIVE,
         verbose: bool = False,
+        seconds_per_gb: float = 0.0,
     ) -> None:
         self.host = host
         self.models: dict[str, int] = {
             _full_name(k): v for k, v in (DEFAULT_MODELS if models is None else models).items()
         }
         self.load_delay = load_delay
+        #: More load time per GiB of the model's size (a big model takes longer, as in Ollama).
+        self.seconds_per_gb = seconds_per_gb
         self.token_delay = token_delay
         self.reply = reply
         self.default_keep_alive = default_keep_alive
@@ -438,7 +441,8 @@ class OllamaStandin:
                     raise _HTTPError(500, message)
                 self._loaded.pop(name, None)
             started = time.monotonic()
-            if self.load_delay > 0 and self._stopping.wait(self.load_delay):
+            delay = self.load_delay + self.seconds_per_gb * self.models[name] / 2**30
+            if delay > 0 and self._stopping.wait(delay):
                 raise _HTTPError(503, "server shutting down")
             with self._lock:
                 entry = _Loaded(size=self.models[name], runner=runner, refs=1)

@@ -134,9 +134,9 @@ def test_a_lease_keeps_a_model_past_its_ttl_and_grace(stack: Stack) -> None:
 
 
 def test_a_lapsed_lease_lets_the_model_go(stack: Stack) -> None:
-    lease = stack.post(f"/models/{SHORT}/leases", {"seconds": 2, "holder": "crashed"}).json()
+    lease = stack.post(f"/models/{SHORT}/leases", {"seconds": 5, "holder": "crashed"}).json()
     stack.wait_state(SHORT, "HOT")
-    stack.wait_state(SHORT, "COLD", timeout=20)  # lapsed at 2 s, then TTL and grace
+    stack.wait_state(SHORT, "COLD", timeout=25)  # lapsed at 5 s (the shortest), then TTL, grace
     assert stack.model(SHORT)["leases"] == []
     late = stack.post(f"/models/{SHORT}/leases/{lease['lease_id']}/renew", {"seconds": 60})
     assert late.status_code == 404 and late.json()["error"]["code"] == "lease_not_found"
@@ -171,10 +171,10 @@ def test_bad_lease_input_is_a_400_that_names_it(
 def test_the_client_lease_renews_in_the_background_and_ends_on_exit(
     stack: Stack, client: ModelPoolClient
 ) -> None:
-    with client.lease(SHORT, seconds=1.5, holder="runner") as endpoint:
+    with client.lease(SHORT, seconds=5, holder="runner") as endpoint:  # the shortest lease
         assert endpoint == client.endpoint_for(SHORT)
         first = stack.model(SHORT)["leases"][0]
-        time.sleep(4.0)  # past the lease's 1.5 s, the TTL and the grace: renewals keep it
+        time.sleep(7.5)  # past the lease's 5 s, the TTL and the grace: renewals keep it
         m = stack.model(SHORT)
         assert m["state"] == "HOT"
         assert m["leases"][0]["lease_id"] == first["lease_id"]

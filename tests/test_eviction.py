@@ -301,3 +301,73 @@ def test_a_wait_for_room_ends_in_503_after_capacity_wait_seconds() -> None:
         pool.ensure_loaded("b", wait=False)
     assert time.monotonic() - began < 3
     pool.release("held", held.gen)
+
+
+def test_the_caller_that_made_room_loads_before_a_later_one() -> None:
+    pool = ModelPool(
+        parse_settings(
+            {"max_concurrent_models": 1, "min_resident_seconds": 0, "capacity_wait_seconds": 10}
+        ),
+        (ModelEntry("v"), ModelEntry("c"), ModelEntry("e")),
+    )
+    jobs = AsyncJobs()
+    jobs.pool = pool
+    pool.lifecycle = jobs
+    with pool.acquire("v", timeout=5):
+        pass
+    got: list[str] = []
+
+    def ask(model: str) -> None:
+        pool.ensure_loaded(model, timeout=10)
+        got.append(model)
+
+    c = threading.Thread(target=ask, args=("c",))
+    c.start()  # evicts v and waits for it to stop
+    assert pool.wait_for(lambda: len(pool._room_queue) == 1, 5)
+    e = threading.Thread(target=ask, args=("e",))
+    e.start()  # arrives while room is being made for c: behind it
+    c.join(10)
+    e.join(10)
+    assert jobs.started == ["v", "c", "e"] and got == ["c", "e"]
+
+
+def test_while_others_wait_a_model_that_can_never_fit_and_a_warmup_are_refused_at_once() -> None:
+    pool = ModelPool(
+        parse_settings(
+            {
+                "max_concurrent_models": 1,
+                "memory_limit_mb": 2000,
+                "min_resident_seconds": 0,
+                "capacity_wait_seconds": 10,
+            }
+        ),
+        (
+            ModelEntry("held", memory_mb=500),
+            ModelEntry("b", memory_mb=500),
+            ModelEntry("huge", memory_mb=5000),
+        ),
+    )
+    jobs = AsyncJobs()
+    jobs.pool = pool
+    pool.lifecycle = jobs
+    held = pool.begin_request("held", timeout=5)
+    outcome: list[str] = []
+
+    def wait_for_b() -> None:
+        try:
+            pool.ensure_loaded("b", timeout=2)
+        except LoadTimeout:
+            outcome.append("timeout")
+
+    waiter = threading.Thread(target=wait_for_b)
+    waiter.start()
+    assert pool.wait_for(lambda: len(pool._room_queue) == 1, 5)
+    began = time.monotonic()
+    with pytest.raises(NoCapacity, match="more than memory_limit_mb"):
+        pool.ensure_loaded("huge", timeout=10)
+    with pytest.raises(NoCapacity, match="wait for room before this one"):
+        pool.ensure_loaded("b", timeout=10, queue=False)  # a warmup load
+    assert time.monotonic() - began < 1
+    waiter.join(10)
+    assert outcome == ["timeout"]  # it waited its whole load timeout; nobody else got in
+    pool.release("held", held.gen)

@@ -16,7 +16,7 @@ from tests.test_pool import hot, make
 
 @pytest.mark.parametrize(
     ("value", "ok"),
-    [(1, True), (0.5, True), (86400, True), (0, False), (-1, False), (86401, False),
+    [(5, True), (7.5, True), (86400, True), (4.9, False), (0, False), (-1, False), (86401, False),
      (True, False), ("10", False), (float("nan"), False), (float("inf"), False), (None, False)],
 )  # fmt: skip
 def test_seconds(value: object, ok: bool) -> None:

@@ -125,6 +125,12 @@ def test_a_node_entry_gets_defaults_and_its_address_from_the_url() -> None:
         ({"nodes": [{**GOOD, "url": "http://u:p@h:1"}]}, "the password is read from password_file"),
         ({"nodes": [{**GOOD, "password_file": "rel"}]}, "is not an absolute path"),
         ({"nodes": [{**GOOD, "url": "https://h:1"}]}, "speaks plain http"),
+        (
+            {"nodes": [{**GOOD, "url": "http://Wu[Yb/"}]},
+            "nodes[0].url: 'http://Wu[Yb' is not a URL",
+        ),
+        ({"nodes": [{**GOOD, "url": "http://h:x"}]}, "is not a URL"),
+        ({"nodes": [{**GOOD, "ollama_base_url": "http://h:x"}]}, "nodes[0].ollama_base_url:"),
         ({"nodes": [{**GOOD, "address": "0.0.0.0"}]}, "nodes[0].address: '0.0.0.0' is not an"),
         ({"nodes": [{**GOOD, "port_range": {"start": 9, "end": 1}}]}, "nodes[0].port_range.end"),
         ({"nodes": [{**GOOD, "max_concurrent_models": 0}]}, "max_concurrent_models: 0 is below"),

@@ -216,3 +216,16 @@ def test_a_failed_adoption_is_not_held_against_the_model() -> None:
     failed = pool.record("m")
     assert failed.state is State.FAILED and failed.failures == 0 and failed.retry_at == 0.0
     assert pool.ensure_loaded("m", wait=False).state is State.WARMING  # at once, no backoff
+
+
+def test_a_nodes_ollama_is_reached_at_the_nodes_address() -> None:
+    from controlplane.nodes import reachable_ollama
+
+    def node(url: str, address: str) -> NodeConfig:
+        return NodeConfig("a", "http://h:9001", "/p", address, ollama_base_url=url)
+
+    assert reachable_ollama(node("http://localhost:11434", "10.0.0.5")) == "http://10.0.0.5:11434"
+    assert reachable_ollama(node("http://127.0.0.1:11434", "gpu-a.lan")) == "http://gpu-a.lan:11434"
+    assert reachable_ollama(node("http://10.0.0.9:11434", "10.0.0.5")) == "http://10.0.0.9:11434"
+    # Nodes on this machine's loopback addresses (the tests' own) keep theirs.
+    assert reachable_ollama(node("http://127.0.0.2:9", "127.0.0.2")) == "http://127.0.0.2:9"

@@ -81,8 +81,14 @@ def resident_until(m: Candidate, min_resident_seconds: float) -> float:
 M = TypeVar("M", bound=Candidate)
 
 
-def order(models: list[M]) -> list[M]:
-    """Models in the order they should make room: lowest priority, cheapest, least recent."""
+ORDERS: Final = ("cost", "lru")
+
+
+def order(models: list[M], how: str = "cost") -> list[M]:
+    """Models in the order they should make room: lowest priority, cheapest, least recent
+    (``cost``, the default); or least recently used alone (``lru``, plain LRU for comparison)."""
+    if how == "lru":
+        return sorted(models, key=lambda m: (m.last_used, m.model_id))
     return sorted(models, key=lambda m: (rank(m.priority), cost(m), m.last_used, m.model_id))
 
 

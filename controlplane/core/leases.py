@@ -14,6 +14,8 @@ from typing import Any, Final
 
 #: The longest a lease may run before it must be renewed.
 MAX_SECONDS: Final = 24 * 3600.0
+#: A shorter lease would lapse before its holder could renew it.
+MIN_SECONDS: Final = 5.0
 MAX_HOLDER: Final = 200
 
 
@@ -32,9 +34,10 @@ def check_seconds(value: Any) -> float:
     """A lease length from a request; ValueError says what is wrong."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"seconds: {value!r} is not a number")
-    if not 0 < value <= MAX_SECONDS:
+    if not MIN_SECONDS <= value <= MAX_SECONDS:
         raise ValueError(
-            f"seconds: {value!r} is out of range (expected 0 < seconds <= {MAX_SECONDS:g})"
+            f"seconds: {value!r} is out of range (expected {MIN_SECONDS:g} <= seconds <= "
+            f"{MAX_SECONDS:g})"
         )
     return float(value)
 

@@ -45,6 +45,7 @@ class Want:
     priority: str = "normal"
     now: float | None = None
     min_resident_seconds: float = 0.0
+    order: str = "cost"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def place(
                 priority=want.priority,
                 now=want.now,
                 min_resident_seconds=want.min_resident_seconds,
+                order=want.order,
             )
             if plan.ok:
                 ready.append((node, plan))

@@ -145,6 +145,7 @@ def plan_capacity(
     priority: str = "normal",
     now: float | None = None,
     min_resident_seconds: float = 0.0,
+    order: str = "cost",
 ) -> CapacityPlan:
     """Decide whether ``candidate`` (of ``priority``) fits, and which idle models to evict if
     not, in ``core.eviction``'s order.
@@ -167,7 +168,7 @@ def plan_capacity(
     ]
     evictable = [
         m
-        for m in eviction.order(idle)
+        for m in eviction.order(idle, order)
         if now is None or now >= eviction.resident_until(m, min_resident_seconds)
     ]
     limit_mem = memory_limit_mb > 0
@@ -233,7 +234,9 @@ def estimate_mb(memory_mb: float | None, file_mb: float | None, default_mb: floa
     return default_mb
 
 
-def evict_over_limit(models: Sequence[ModelView], memory_limit_mb: float) -> tuple[str, ...]:
+def evict_over_limit(
+    models: Sequence[ModelView], memory_limit_mb: float, order: str = "cost"
+) -> tuple[str, ...]:
     """Idle models to unload (``core.eviction``'s order) while the memory in use is over the
     limit.
 
@@ -246,7 +249,7 @@ def evict_over_limit(models: Sequence[ModelView], memory_limit_mb: float) -> tup
     settled = [m for m in models if m.state in OCCUPYING and m.state is not State.UNLOADING]
     total = sum(m.memory_mb for m in settled)
     victims: list[str] = []
-    for m in eviction.order(settled):
+    for m in eviction.order(settled, order):
         if total <= memory_limit_mb:
             break
         if (
