@@ -88,6 +88,7 @@ def loads_total(stack: Stack) -> int:
 def replay(stack: Stack, trace: list[Event], give_up: float = 120.0) -> Outcome:
     waits: list[float] = []
     counts = {"refusals": 0, "failures": 0}
+    statuses: dict[int, int] = {}
     lock = threading.Lock()
     start = time.monotonic() + 1.0
     by_agent: dict[int, list[Event]] = {}
@@ -123,6 +124,7 @@ def replay(stack: Stack, trace: list[Event], give_up: float = 120.0) -> Outcome:
                     continue
                 with lock:
                     counts["failures"] += 1
+                    statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
                 break
 
     before = loads_total(stack)
@@ -131,6 +133,8 @@ def replay(stack: Stack, trace: list[Event], give_up: float = 120.0) -> Outcome:
         t.start()
     for t in threads:
         t.join()
+    if statuses:
+        print(f"    answers other than 200 and 503 (after retries): {statuses}")
     return Outcome(
         waits, counts["refusals"], counts["failures"], loads_total(stack) - before, len(trace)
     )
