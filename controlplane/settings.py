@@ -433,8 +433,8 @@ def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
     if backend not in BACKENDS:
         raise ConfigError(f"{k('backend')}: {backend!r} is not one of {', '.join(BACKENDS)}")
     values["backend"] = backend
-    if raw.get("upstream_url"):
-        values["upstream_url"] = check_url(k("upstream_url"), raw["upstream_url"])
+    if raw.get("upstream_url") is not None:  # false, 0 and the like are errors, not "none"
+        values["upstream_url"] = check_url(k("upstream_url"), raw["upstream_url"], empty_ok=True)
     if backend == "openai" and not values.get("upstream_url"):
         raise ConfigError(f"{k('upstream_url')}: required for backend openai")
     if backend == "llamacpp" and not values.get("model_path"):

@@ -227,3 +227,11 @@ def test_the_id_register_is_reserved() -> None:
     with pytest.raises(ConfigError, match="reserved"):
         parse_entry({"model_id": "register"})
     assert parse_entry({"model_id": "register:1b"}).model_id == "register:1b"
+
+
+@pytest.mark.parametrize("value", [False, 0, [], "ftp://x"])
+def test_an_upstream_url_that_is_not_a_url_is_refused(value: object) -> None:
+    """Regression: a falsy non-string (false) was taken for "no upstream" and accepted."""
+    with pytest.raises(ConfigError, match=r"^model\.upstream_url: "):
+        parse_entry({"model_id": "m", "upstream_url": value})
+    assert parse_entry({"model_id": "m", "upstream_url": ""}).upstream_url == ""
