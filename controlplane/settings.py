@@ -27,11 +27,16 @@ from controlplane.validate import (
     PortRange as PortRange,
 )
 from controlplane.validate import (
+    check_api_key,
     check_bool,
+    check_choice,
     check_host,
+    check_int,
     check_number,
+    check_paths,
     check_port,
     check_port_range,
+    check_range,
     check_str,
     check_str_list,
     check_url,
@@ -108,70 +113,37 @@ class Setting:
     restart: bool = False
 
 
-def _num(minimum: float, maximum: float) -> Callable[[str, Any], Any]:
-    def check(key: str, value: Any) -> Any:
-        number = check_number(key, value, minimum=minimum)
-        if number > maximum:
-            raise ConfigError(f"{key}: {value!r} is above the maximum {maximum:g}")
-        return number
-
-    return check
-
-
 YEAR_MINUTES: Final = 525600.0
 DAY_SECONDS: Final = 86400.0
-#: RFC 6750 bearer token characters: what a client can put in an Authorization header.
-TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
-
-
-def _api_key(key: str, value: Any) -> str:
-    text = check_str(key, value)
-    if text and not TOKEN_RE.fullmatch(text):  # fullmatch: no trailing newline either
-        raise ConfigError(
-            f"{key}: may hold only letters, digits and - . _ ~ + / (then =), as a bearer token"
-        )
-    return text
-
-
-def _paths(key: str, value: Any) -> tuple[str, ...]:
-    paths = check_str_list(key, value)
-    for i, p in enumerate(paths):
-        if not p.startswith("/") or any(c.isspace() for c in p):
-            raise ConfigError(f"{key}[{i}]: {p!r} is not a URL path starting with /")
-    return paths
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
-    def check(key: str, value: Any) -> str:
-        text = check_str(key, value)
-        if text not in choices:
-            raise ConfigError(f"{key}: {text!r} is not one of {', '.join(choices)}")
-        return text
-
-    return check
-
-
-def _int(minimum: int) -> Callable[[str, Any], Any]:
-    return lambda k, v: check_number(k, v, minimum=minimum, integer=True)
 
 
 SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "default_ttl_minutes",
-        _num(0, YEAR_MINUTES),
+        check_range(0, YEAR_MINUTES),
         "TTL of models whose entry sets none; 0 = never",
     ),
-    Setting("min_ttl_minutes", _num(0, YEAR_MINUTES), "lower bound of a model's TTL"),
-    Setting("max_ttl_minutes", _num(0, YEAR_MINUTES), "upper bound of a TTL and of extend-ttl"),
-    Setting("grace_period_minutes", _num(0, YEAR_MINUTES), "COOLING time after the deadline"),
-    Setting("check_interval_seconds", _num(0.01, DAY_SECONDS), "longest sleep of the reaper"),
+    Setting("min_ttl_minutes", check_range(0, YEAR_MINUTES), "lower bound of a model's TTL"),
+    Setting(
+        "max_ttl_minutes", check_range(0, YEAR_MINUTES), "upper bound of a TTL and of extend-ttl"
+    ),
+    Setting(
+        "grace_period_minutes", check_range(0, YEAR_MINUTES), "COOLING time after the deadline"
+    ),
+    Setting(
+        "check_interval_seconds", check_range(0.01, DAY_SECONDS), "longest sleep of the reaper"
+    ),
     Setting("warmup_models", check_str_list, "model ids loaded at start and never expired"),
     Setting("port_range", check_port_range, "worker ports {start, end}"),
-    Setting("max_concurrent_models", _int(1), "most models loaded at once"),
-    Setting("memory_limit_mb", _num(0, 1e9), "most memory in use by models; 0 = no limit"),
+    Setting("max_concurrent_models", check_int(1), "most models loaded at once"),
+    Setting("memory_limit_mb", check_range(0, 1e9), "most memory in use by models; 0 = no limit"),
     Setting("auto_unload", check_bool, "unload models whose TTL and grace period passed"),
-    Setting("graceful_shutdown_seconds", _num(0, DAY_SECONDS), "drain time of in-flight requests"),
-    Setting("load_timeout_seconds", _num(1, DAY_SECONDS), "WARMING longer than this is FAILED"),
+    Setting(
+        "graceful_shutdown_seconds", check_range(0, DAY_SECONDS), "drain time of in-flight requests"
+    ),
+    Setting(
+        "load_timeout_seconds", check_range(1, DAY_SECONDS), "WARMING longer than this is FAILED"
+    ),
     Setting(
         "max_queue_per_model",
         lambda k, v: check_number(k, v, minimum=1, integer=True),
@@ -180,7 +152,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting(
         "default_memory_mb",
-        _num(0, 1e9),
+        check_range(0, 1e9),
         "memory estimate of a model whose entry gives no memory_mb (and no GGUF file to size)",
     ),
     Setting("ollama_base_url", check_url, "Ollama's HTTP API"),
@@ -200,31 +172,35 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting(
         "service_registry_heartbeat_seconds",
-        _num(0.05, DAY_SECONDS),
+        check_range(0.05, DAY_SECONDS),
         "heartbeat interval while HOT",
         restart=True,
     ),
-    Setting("api_key", _api_key, "bearer token required by the API; empty = no auth"),
+    Setting("api_key", check_api_key, "bearer token required by the API; empty = no auth"),
     Setting(
         "min_resident_seconds",
-        _num(0, DAY_SECONDS),
+        check_range(0, DAY_SECONDS),
         "a model loaded this recently is not evicted for another load",
     ),
     Setting(
         "eviction_order",
-        _choice(ORDERS),
+        check_choice(ORDERS),
         "cost (priority, then reload cost) or lru (plain LRU, for comparison)",
     ),
     Setting(
         "capacity_wait_seconds",
-        _num(0, DAY_SECONDS),
+        check_range(0, DAY_SECONDS),
         "a load that finds no room waits this long, in order, before 503",
     ),
     Setting("nodes", parse_nodes, "remote nodes (supervisord hosts) for workers", restart=True),
     Setting("local_node", check_bool, "load models on the stack's own supervisord too"),
-    Setting("node_timeout_seconds", _num(1, DAY_SECONDS), "unreachable this long: node DOWN"),
-    Setting("placement", _choice(STRATEGIES), "spread (most free memory) or pack"),
-    Setting("public_paths", _paths, "paths that need no api_key; a trailing * matches a prefix"),
+    Setting(
+        "node_timeout_seconds", check_range(1, DAY_SECONDS), "unreachable this long: node DOWN"
+    ),
+    Setting("placement", check_choice(STRATEGIES), "spread (most free memory) or pack"),
+    Setting(
+        "public_paths", check_paths, "paths that need no api_key; a trailing * matches a prefix"
+    ),
 )
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -96,3 +96,48 @@ def check_host(key: str, value: Any) -> str:
         hint = " (an empty host binds nothing; 0.0.0.0 is every address)" if not text else ""
         raise ConfigError(f"{key}: {text!r} is not an IP address or host name{hint}")
     return text
+
+
+def check_range(minimum: float, maximum: float) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        number = check_number(key, value, minimum=minimum)
+        if number > maximum:
+            raise ConfigError(f"{key}: {value!r} is above the maximum {maximum:g}")
+        return number
+
+    return check
+
+
+#: RFC 6750 bearer token characters: what a client can put in an Authorization header.
+TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+
+
+def check_api_key(key: str, value: Any) -> str:
+    text = check_str(key, value)
+    if text and not TOKEN_RE.fullmatch(text):  # fullmatch: no trailing newline either
+        raise ConfigError(
+            f"{key}: may hold only letters, digits and - . _ ~ + / (then =), as a bearer token"
+        )
+    return text
+
+
+def check_paths(key: str, value: Any) -> tuple[str, ...]:
+    paths = check_str_list(key, value)
+    for i, p in enumerate(paths):
+        if not p.startswith("/") or any(c.isspace() for c in p):
+            raise ConfigError(f"{key}[{i}]: {p!r} is not a URL path starting with /")
+    return paths
+
+
+def check_choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> str:
+        text = check_str(key, value)
+        if text not in choices:
+            raise ConfigError(f"{key}: {text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return check
+
+
+def check_int(minimum: int) -> Callable[[str, Any], Any]:
+    return lambda k, v: check_number(k, v, minimum=minimum, integer=True)
