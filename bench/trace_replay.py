@@ -8,17 +8,18 @@ The trace is seeded and the same for both runs: agents pick models by Zipf popul
 bursts of requests to one model, then think. The Ollama stand-in takes a time proportional to a
 model's size to load it (``--seconds-per-gb``), and the pool has room for ``--capacity`` models.
 An agent refused with 503 retries after ``Retry-After`` (at most 5 s), as a client would: the
-wait for a model is the time from an agent's first try to its answer.
+wait for a model is the time from an agent's first try to its answer; a request never served
+(another answer, or none within 120 s) counts as an endless wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import re
-import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -71,11 +72,16 @@ def make_trace(
 
 @dataclass
 class Outcome:
+    #: The wait of each served request.
     waits: list[float]
     refusals: int
     failures: int
     loads: int
     requests: int
+
+    def all_waits(self) -> list[float]:
+        """Every request's wait: one not served (failed, or no answer) counts as endless."""
+        return self.waits + [math.inf] * (self.requests - len(self.waits))
 
 
 def loads_total(stack: Stack) -> int:
@@ -89,6 +95,7 @@ def replay(stack: Stack, trace: list[Event], give_up: float = 120.0) -> Outcome:
     waits: list[float] = []
     counts = {"refusals": 0, "failures": 0}
     statuses: dict[int, int] = {}
+    errors: dict[str, int] = {}
     lock = threading.Lock()
     start = time.monotonic() + 1.0
     by_agent: dict[int, list[Event]] = {}
@@ -109,9 +116,11 @@ def replay(stack: Stack, trace: list[Event], give_up: float = 120.0) -> Outcome:
                     resp = session.post(
                         stack.url + "/v1/chat/completions", json=body, timeout=give_up
                     )
-                except requests.RequestException:
+                except requests.RequestException as exc:
                     with lock:
                         counts["failures"] += 1
+                        kind = type(exc).__name__
+                        errors[kind] = errors.get(kind, 0) + 1
                     break
                 if resp.status_code == 200:
                     with lock:
@@ -133,8 +142,8 @@ def replay(stack: Stack, trace: list[Event], give_up: float = 120.0) -> Outcome:
         t.start()
     for t in threads:
         t.join()
-    if statuses:
-        print(f"    answers other than 200 and 503 (after retries): {statuses}")
+    if statuses or errors:
+        print(f"    answers other than 200 and 503 (after retries): {statuses}; errors: {errors}")
     return Outcome(
         waits, counts["refusals"], counts["failures"], loads_total(stack) - before, len(trace)
     )
@@ -160,9 +169,11 @@ def pct(values: list[float], q: float) -> float:
 
 POLICIES: dict[str, dict[str, Any]] = {
     "lru": {"eviction_order": "lru", "min_resident_seconds": 0, "capacity_wait_seconds": 0},
+    # The defaults.
     "modelpool": {
         "eviction_order": "cost",
         "min_resident_seconds": 30,
+        "resident_load_multiple": 2,
         "capacity_wait_seconds": 30,
     },
 }
@@ -176,6 +187,7 @@ def main() -> None:
     ap.add_argument("--capacity", type=int, default=3)
     ap.add_argument("--duration", type=float, default=90.0)
     ap.add_argument("--seconds-per-gb", type=float, default=0.5)
+    ap.add_argument("--policies", default=",".join(POLICIES), help="which runs, comma-separated")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     sizes = {f"m{i}:7b": int(rng.uniform(1, 8) * GB) for i in range(args.models)}
@@ -190,7 +202,8 @@ def main() -> None:
         f"load {args.seconds_per_gb:g} s per GB"
     )
     results: dict[str, Outcome] = {}
-    for policy, settings in POLICIES.items():
+    for policy in args.policies.split(","):
+        settings = POLICIES[policy]
         standin = OllamaStandin(models=sizes, seconds_per_gb=args.seconds_per_gb).start()
         try:
             models = [
@@ -209,18 +222,21 @@ def main() -> None:
         served = len(r.waits)
         print(
             f"  {policy:10s} loads {r.loads:4d}  hit ratio {1 - r.loads / max(1, r.requests):.2f}  "
-            f"wait p50 {statistics.median(r.waits) if r.waits else float('nan'):6.2f} s  "
-            f"p95 {pct(r.waits, 0.95):6.2f} s  503s {r.refusals:4d}  served {served}/{r.requests}"
+            f"wait p50 {pct(r.all_waits(), 0.5):6.2f} s  "
+            f"p95 {pct(r.all_waits(), 0.95):6.2f} s  503s {r.refusals:4d}  "
+            f"served {served}/{r.requests}"
             f"  failed {r.failures}"
         )
+    if set(results) != set(POLICIES):
+        return
     lru, new = results["lru"], results["modelpool"]
     fewer = 1 - new.loads / max(1, lru.loads)
-    p95_new, p95_lru = pct(new.waits, 0.95), pct(lru.waits, 0.95)
+    p95_new, p95_lru = pct(new.all_waits(), 0.95), pct(lru.all_waits(), 0.95)
     print(f"fewer loads than LRU: {fewer:.0%}; p95 wait {p95_new:.2f} s against {p95_lru:.2f} s")
     print(
         json.dumps(
             {
-                p: {"loads": o.loads, "p95": pct(o.waits, 0.95), "refusals": o.refusals}
+                p: {"loads": o.loads, "p95": pct(o.all_waits(), 0.95), "refusals": o.refusals}
                 for p, o in results.items()
             }
         )

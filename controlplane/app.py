@@ -13,7 +13,7 @@ from flask import Flask, Response, request
 from controlplane import ui
 from controlplane.adapters.proxy import WorkerProxy
 from controlplane.adapters.rundir import RunDirLock
-from controlplane.api import control, errors, leases, metrics, ollama, openai, ops
+from controlplane.api import control, errors, jobs, leases, metrics, ollama, openai, ops
 from controlplane.configstore import SHIPPED_CONFIG_DIR, ConfigStore
 from controlplane.core.states import State
 from controlplane.node import PROJECT_DIR
@@ -111,6 +111,7 @@ def create_app(service: PoolService | None = None) -> Flask:
     app.register_blueprint(ops.bp)
     app.register_blueprint(control.bp)
     app.register_blueprint(leases.bp)
+    app.register_blueprint(jobs.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(ollama.bp)  # before ui: Ollama clients probe GET /
     app.register_blueprint(ui.bp)

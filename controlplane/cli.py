@@ -31,7 +31,7 @@ from controlplane.cli_base import (
     mid,
     table,
 )
-from controlplane.cli_stack import cmd_down, cmd_node, cmd_nodes, cmd_up
+from controlplane.cli_stack import cmd_cancel, cmd_down, cmd_jobs, cmd_node, cmd_nodes, cmd_up
 from controlplane.core.slug import program_name
 from controlplane.node import PROJECT_DIR, RunPaths
 
@@ -151,16 +151,27 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     api = api_for(args)
     started = time.monotonic()
-    api.call("POST", f"/models/{mid(args.model)}/load", {"wait": False}, timeout=args.timeout)
+    m = api.call("POST", f"/models/{mid(args.model)}/load", {"wait": False}, timeout=args.timeout)
+    job = m.get("job") if m["state"] not in ("HOT", "COOLING") else None
     tty = sys.stdout.isatty()
     last = ""
     while True:
         m = api.call("GET", f"/models/{mid(args.model)}")
+        if job is not None:
+            job = api.call("GET", f"/jobs/{job['job_id']}")
         elapsed = time.monotonic() - started
-        if m["state"] != last or tty:
-            line = f"{args.model}: {m['state']} ({elapsed:.1f} s)"
+        line = f"{args.model}: {_load_status(m, job)} ({elapsed:.1f} s)"
+        if line.split(" (")[0] != last or tty:
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-            last = m["state"]
+            last = line.split(" (")[0]
+        if job is not None and job["phase"] == "cancelled":
+            if tty:
+                print()
+            raise CliError(f"the load of {args.model} was cancelled ({job['job_id']})")
+        if job is not None and job["phase"] == "ready" and m["state"] not in ("HOT", "COOLING"):
+            if tty:
+                print()
+            raise CliError(f"{args.model} was loaded but is {m['state']} again")
         if m["state"] in ("HOT", "COOLING"):
             if tty:
                 print()
@@ -173,6 +184,16 @@ def cmd_load(args: argparse.Namespace) -> int:
         if elapsed > args.timeout:
             raise CliError(f"{args.model} is still {m['state']} after {args.timeout:g} s")
         time.sleep(0.2)
+
+
+def _load_status(m: dict[str, Any], job: dict[str, Any] | None) -> str:
+    """A model's state with its load job's phase and progress: ``WARMING loading_weights 42%``."""
+    if job is None or job["phase"] in ("ready", "failed"):
+        return str(m["state"])
+    text = f"{m['state']} {job['phase']}"
+    if job.get("progress") is not None:
+        text += f" {job['progress']:.0%}"
+    return text
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
@@ -292,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--timeout", type=float, default=600)
     s.set_defaults(fn=cmd_load)
+    s = add("jobs", help="load jobs: phase and progress of each load, live and recent")
+    s.add_argument("--json", action="store_true", help="print the raw JSON")
+    s.set_defaults(fn=cmd_jobs)
+    s = add("cancel", help="cancel a load job that has not finished (its worker is stopped)")
+    s.add_argument("job_id")
+    s.set_defaults(fn=cmd_cancel)
     s = add("unload", help="unload a model (drains in-flight requests)")
     s.add_argument("model")
     s.add_argument("--force", action="store_true", help="skip the drain")

@@ -217,3 +217,32 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         )
     print(table(rows))
     return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    jobs = api_for(args).call("GET", "/jobs")["jobs"]
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    rows = [["JOB", "MODEL", "PHASE", "PROGRESS", "NODE", "ORIGIN", "ERROR"]]
+    for j in jobs:
+        progress = "-" if j["progress"] is None else f"{j['progress']:.0%}"
+        rows.append(
+            [
+                j["job_id"],
+                j["model_id"],
+                j["phase"],
+                progress,
+                j["node"] or "-",
+                j["origin"],
+                (j["error"] or "")[:60],
+            ]
+        )
+    print(table(rows))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = api_for(args).call("DELETE", f"/jobs/{args.job_id}")
+    print(f"{job['job_id']} ({job['model_id']}): {job['phase']}")
+    return 0

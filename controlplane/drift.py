@@ -3,12 +3,17 @@ a restart, another client's ``keep_alive: 0``). Each pass over a node compares O
 ``/api/ps`` with the node's HOT Ollama models; a missing one is pinned again (``keep_alive: -1``,
 with the worker's options) before requests notice, counted (``modelpool_backend_drift_total``)
 and logged.
+
+A cancelled load of an Ollama model is let go of too: Ollama may finish a load whose client
+went away and keep the model pinned (``keep_alive: -1``), so the node's ``/api/ps`` is watched
+for it for up to ``load_timeout_seconds`` and, once it shows, it is released (``keep_alive: 0``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -25,6 +30,8 @@ log = logging.getLogger("modelpool.drift")
 
 #: /api/ps is a bookkeeping call: answer quickly or be asked again next pass.
 PS_TIMEOUT: Final = 1.0
+#: How often /api/ps is read while a cancelled load may still finish.
+RELEASE_POLL_SECONDS: Final = 0.5
 
 
 class DriftRepair:
@@ -36,11 +43,13 @@ class DriftRepair:
         node: str,
         ollama_url: Callable[[], str],
         spawn: Callable[..., None],
+        stopping: threading.Event | None = None,
     ) -> None:
         self.pool = pool
         self.node = node
         self.ollama_url = ollama_url
         self.spawn = spawn
+        self.stopping = stopping or threading.Event()
         self._session = local_session()
         self._repinning: set[str] = set()
         self._lock = threading.Lock()
@@ -55,17 +64,9 @@ class DriftRepair:
         ]
         if not ours:
             return []
-        base = self.ollama_url().rstrip("/").removesuffix("/v1")
-        try:
-            resp = self._session.get(base + "/api/ps", timeout=PS_TIMEOUT)
-            resp.raise_for_status()
-            listed = [
-                name
-                for entry in resp.json().get("models") or []
-                if isinstance(entry, dict)
-                for name in (entry.get("name"), entry.get("model"))
-            ]
-        except (requests.RequestException, ValueError, AttributeError):
+        base = self._base()
+        listed = _running(self._session, base)
+        if listed is None:
             return []
         dropped = []
         for w in ours:
@@ -93,6 +94,40 @@ class DriftRepair:
             dropped.append(w.model_id)
             self.spawn(f"repin-{w.model_id}", self._repin, w, base, name, dict(rec.entry.options))
         return dropped
+
+    def _base(self) -> str:
+        return self.ollama_url().rstrip("/").removesuffix("/v1")
+
+    def release_cancelled(self, model_id: str, name: str, gen: int, within: float) -> None:
+        """Let go of ``name`` in this node's Ollama once a cancelled load (``gen``) of it shows
+        in ``/api/ps``, for up to ``within`` seconds (lock held by the caller: only starts)."""
+        until = time.monotonic() + within
+        self.spawn(f"release-{model_id}", self._release, model_id, name, gen, until)
+
+    def _release(self, model_id: str, name: str, gen: int, until: float) -> None:
+        session = local_session()
+        base = self._base()
+        try:
+            while time.monotonic() < until:
+                try:
+                    rec = self.pool.record(model_id)
+                    if rec.gen != gen and rec.node == self.node and rec.state in OCCUPYING:
+                        return  # loaded here again: its worker holds the model now
+                except UnknownModel:
+                    pass
+                listed = _running(session, base)
+                if listed is not None and any(same_model(n, name) for n in listed):
+                    session.post(
+                        base + "/api/generate", json={"model": name, "keep_alive": 0}, timeout=10
+                    ).close()
+                    log.info("released %s at %s after its load was cancelled", name, base)
+                    return
+                if self.stopping.wait(RELEASE_POLL_SECONDS):
+                    return
+        except requests.RequestException as exc:
+            log.warning("releasing %s at %s after a cancelled load failed: %s", name, base, exc)
+        finally:
+            session.close()
 
     def _repin(self, w: Loaded, base: str, name: str, options: dict[str, Any]) -> None:
         session = local_session()  # this thread's own: a Session is not shared across threads
@@ -122,3 +157,19 @@ class DriftRepair:
             session.close()
             with self._lock:
                 self._repinning.discard(w.model_id)
+
+
+def _running(session: requests.Session, base: str) -> list[str] | None:
+    """The models Ollama at ``base`` has loaded (``/api/ps``), or None if it does not answer."""
+    try:
+        resp = session.get(base + "/api/ps", timeout=PS_TIMEOUT)
+        resp.raise_for_status()
+        return [
+            name
+            for entry in resp.json().get("models") or []
+            if isinstance(entry, dict)
+            for name in (entry.get("name"), entry.get("model"))
+            if isinstance(name, str)
+        ]
+    except (requests.RequestException, ValueError, AttributeError):
+        return None

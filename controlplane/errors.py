@@ -62,6 +62,21 @@ class LoadFailed(PoolError):
     code = "load_failed"
 
 
+class LoadCancelled(PoolError):
+    """The load this caller waited for was cancelled (``DELETE /jobs/{id}``)."""
+
+    code = "load_cancelled"
+
+
+class UnknownJob(PoolError):
+    """No such load job (never made, or ended long enough ago to be forgotten)."""
+
+    code = "job_not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no load job {job_id!r} (GET /jobs lists them)")
+
+
 class LoadTimeout(PoolError):
     """The model did not become ready in time."""
 

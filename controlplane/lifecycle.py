@@ -248,6 +248,8 @@ class Workers(Lifecycle):
                 memory = self.measure(backend, pid, health.memory_mb, node.local)
                 self.pool.became_ready(model_id, gen, memory, pid, health.requests_served)
                 return None
+            if health is not None and health.status == "loading":
+                self.pool.load_progress(model_id, gen, health.progress)
             if health is not None and health.status == "error":
                 error = health.error or "unknown error"
                 return _Failure(

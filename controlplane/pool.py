@@ -21,6 +21,7 @@ from typing import Any
 from controlplane import views
 from controlplane.core import eviction, policy
 from controlplane.core.chores import ChoreEvent, next_chore
+from controlplane.core.jobs import Job
 from controlplane.core.slug import program_name
 from controlplane.core.states import OCCUPYING, SERVING, Event, State, next_state
 from controlplane.errors import (
@@ -28,6 +29,7 @@ from controlplane.errors import (
 )
 from controlplane.nodeconfig import LOCAL
 from controlplane.pool_admission import Admission
+from controlplane.pool_jobs import Jobs
 from controlplane.pool_leases import Leasing
 from controlplane.pool_nodes import Nodes, NodeSlot
 from controlplane.pool_parts import Ticket
@@ -53,7 +55,7 @@ Clock = Callable[[], float]
 STABLE_SECONDS = 60.0
 
 
-class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
+class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
     """Registry plus lifecycle state of every model, on every node."""
 
     def __init__(
@@ -110,6 +112,8 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
         #: Callers waiting for room to load their model, in arrival order (FIFO): only the
         #: first may start a load when room frees (``capacity_wait_seconds``).
         self._room_queue: list[Ticket] = []
+        #: Load jobs, oldest first: every live one and the last finished (``pool_jobs``).
+        self._jobs: list[Job] = []
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -178,7 +182,10 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
             warm = rec.entry.model_id in self._warmups()
             scheduled = rec.entry.model_id in self._scheduled
             host = self.address_of(rec.node)
-        return views.model_view(rec, ttl, warm, scheduled, host, now)
+            job = rec.job.view() if rec.job is not None else None
+        view = views.model_view(rec, ttl, warm, scheduled, host, now)
+        view["job"] = job  # its latest load job (live, or how the last load ended)
+        return view
 
     def _views(self) -> list[policy.ModelView]:
         warm = self._kept()
@@ -226,6 +233,7 @@ class ModelPool(Admission, Unloading, Ttl, Registry, Leasing, Nodes):
             took,
             rec.port,
         )
+        self._job_follows(rec, old, new, reason)
         for listener in self.listeners:
             # A listener only records; one that raises must not leave the transition half done
             # (the caller goes on to start the job that moves the model out of this state).

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from controlplane.core import policy
 from controlplane.core.chores import Chore, ChoreEvent
+from controlplane.core.jobs import Job
 from controlplane.core.ports import PortRequest, PortUnavailableError, choose_port, warmup_ports
 from controlplane.core.states import SERVING, Event, State
 from controlplane.errors import (
@@ -48,15 +49,18 @@ class Admission:
         manual: bool = False,
         wait: bool = True,
         queue: bool = True,
+        job: Job | None = None,
     ) -> Record:
         """Make ``model_id`` HOT (or start it, with ``wait=False``) and return its record.
 
         Single-flight: concurrent callers for a COLD model cause one load and all wait for it.
         A model that is UNLOADING is waited for and loaded again. ``manual`` (a ``load`` call)
-        skips the retry backoff of a FAILED model. Raises UnknownModel, NoCapacity, LoadFailed,
-        LoadTimeout.
+        skips the retry backoff of a FAILED model. ``job``: the queued load job this caller runs
+        (``pool_jobs``). Raises UnknownModel, NoCapacity, LoadFailed, LoadTimeout, LoadCancelled.
         """
-        return self._ensure(model_id, timeout, manual=manual, wait=wait, hold=False, queue=queue)
+        return self._ensure(
+            model_id, timeout, manual=manual, wait=wait, hold=False, queue=queue, job=job
+        )
 
     def begin_request(self: PoolParts, model_id: str, timeout: float | None = None) -> Record:
         """Load if needed and count a request as in flight, in one hold of the lock.
@@ -114,6 +118,7 @@ class Admission:
         wait: bool,
         hold: bool,
         queue: bool = True,
+        job: Job | None = None,
     ) -> Record:
         limit = self.settings.load_timeout_seconds if timeout is None else timeout
         began = time.monotonic()
@@ -142,6 +147,7 @@ class Admission:
                     waited = True
                     if rec.state is State.WARMING:
                         waited_gen = rec.gen
+                    self._check_cancelled(rec, job, (started_gen, waited_gen))
                     if rec.state is State.FAILED and rec.gen in (started_gen, waited_gen):
                         raise LoadFailed(
                             f"model {model_id!r} failed to load: {rec.last_error}",
@@ -162,6 +168,7 @@ class Admission:
                     if ticket is not None and not idle:
                         self._leave_room_queue(ticket)  # its load started (for another caller)
                         ticket = None
+                        give_up = time.monotonic() + limit
                     if ticket is not None and time.monotonic() >= ticket.until:
                         self._leave_room_queue(ticket)
                         ticket = None
@@ -180,6 +187,9 @@ class Admission:
                             else:
                                 notify = notify or started_gen is not None
                                 if started_gen is not None:
+                                    # The load timeout is the load's: time spent waiting for
+                                    # room before it does not count against it.
+                                    give_up = time.monotonic() + limit
                                     if ticket is not None:
                                         self._leave_room_queue(ticket)
                                         ticket = None
@@ -233,9 +243,11 @@ class Admission:
         if refusal is not None and (not wait or not refusal.waitable or limit <= 0):
             raise refusal
         if not wait:  # a load call that returns at once (or a warmup load) does not queue
-            raise NoCapacity(
+            behind = NoCapacity(
                 f"{len(self._room_queue)} loads wait for room before this one", retry_after=5
             )
+            behind.waitable = True
+            raise behind
         if ticket is None:
             ticket = Ticket(began + limit)
             self._room_queue.append(ticket)

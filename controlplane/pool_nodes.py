@@ -118,6 +118,7 @@ class Nodes:
             rec.entry.priority,
             self.clock(),
             self.settings.min_resident_seconds,
+            self.settings.resident_load_multiple,
             self.settings.eviction_order,
         )
         return placement.place(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from controlplane.core.chores import RUNNING, Chore
+from controlplane.core.jobs import Job
 from controlplane.core.leases import Lease
 from controlplane.core.schedule import Window
 from controlplane.core.states import State
@@ -86,6 +87,10 @@ class Record:
     reload: bool = False
     #: Callers waiting for this model to become HOT (capped by max_queue_per_model).
     waiters: int = 0
+    #: Its latest load job (``core.jobs``), live or finished.
+    job: Job | None = None
+    #: A load generation that was cancelled: its waiting callers get ``LoadCancelled``.
+    cancelled_gen: int | None = None
     #: Live leases by id: while there is one, the model neither expires nor is evicted.
     leases: dict[str, Lease] = field(default_factory=dict)
     history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))

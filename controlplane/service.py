@@ -97,7 +97,11 @@ class PoolService:
         self.reaper.after_tick = self._keep_warm
         self.reaper.watch.remove = self._remove_orphan
         self.reaper.watch.drift = DriftRepair(
-            self.pool, LOCAL, lambda: self.pool.settings.ollama_base_url, self.workers.spawn
+            self.pool,
+            LOCAL,
+            lambda: self.pool.settings.ollama_base_url,
+            self.workers.spawn,
+            self.workers.stopping,
         )
         self.monitors = [NodeMonitor(self.pool, n, self.probe) for n in remotes]
         for m, n in zip(self.monitors, remotes, strict=True):
@@ -107,7 +111,14 @@ class PoolService:
                 n.name,
                 functools.partial(str, reachable_ollama(n.config)),
                 self.workers.spawn,
+                self.workers.stopping,
             )
+        #: Each node's drift repair (it also lets go of what a cancelled load left in Ollama).
+        self.drift: dict[str, DriftRepair | None] = {LOCAL: self.reaper.watch.drift}
+        self.drift.update(
+            (n.name, m.watch.drift) for m, n in zip(self.monitors, remotes, strict=True)
+        )
+        self.pool.listeners.append(self._after_cancel)
         self.announcer: RegistryAnnouncer | None = None
         if settings.service_registry_url:
             self.announcer = RegistryAnnouncer(
@@ -184,6 +195,18 @@ class PoolService:
         """Deregister before the worker drains (bounded: the registry never holds a stop up)."""
         if self.announcer is not None:
             self.announcer.withdraw(model_id).wait(2.0)
+
+    def _after_cancel(self, rec: Record, old: State, new: State) -> None:
+        """A cancelled load of an Ollama model: let go of it in Ollama should Ollama finish the
+        load anyway (called under the pool lock: only starts a thread)."""
+        cancelled = old is State.WARMING and new is State.UNLOADING
+        if not cancelled or rec.unload_reason != "cancelled" or rec.entry.backend != "ollama":
+            return
+        drift = self.drift.get(rec.node or LOCAL)
+        if drift is not None:
+            name = rec.entry.upstream_model or rec.entry.model_id
+            within = self.pool.settings.load_timeout_seconds
+            drift.release_cancelled(rec.entry.model_id, name, rec.gen, within)
 
     def _tell_registry(self, rec: Record, old: State, new: State) -> None:
         """Keep the service registry in line with a transition (called under the pool lock)."""

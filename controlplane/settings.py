@@ -180,7 +180,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "min_resident_seconds",
         check_range(0, DAY_SECONDS),
-        "a model loaded this recently is not evicted for another load",
+        "a model loaded this recently is not evicted for another load (at most)",
+    ),
+    Setting(
+        "resident_load_multiple",
+        check_range(0, 1000),
+        "residency is this many times a model's load time (capped by min_resident_seconds); "
+        "0 = min_resident_seconds for every model",
     ),
     Setting(
         "eviction_order",
@@ -237,6 +243,7 @@ class Settings:
     service_registry_heartbeat_seconds: float = 30.0
     api_key: str = ""
     min_resident_seconds: float = 30.0
+    resident_load_multiple: float = 2.0
     eviction_order: str = "cost"
     capacity_wait_seconds: float = 30.0
     nodes: tuple[NodeConfig, ...] = ()

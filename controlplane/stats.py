@@ -28,6 +28,7 @@ UNLOAD_REASONS: Final = (
     "operator",
     "config_changed",
     "memory",
+    "cancelled",
 )
 
 

@@ -126,6 +126,8 @@ class WorkerState:
                 "port": self.spec.port,
                 "pid": os.getpid(),
                 "fingerprint": self.fingerprint,
+                # How far the backend's load is (0..1) while loading, where it says.
+                "progress": self.backend.load_progress() if self.status == "loading" else None,
             }
 
 
@@ -301,6 +303,9 @@ class _Unavailable:
         raise self.error
 
     def unload(self) -> None:
+        return None
+
+    def load_progress(self) -> float | None:
         return None
 
     def memory_mb(self) -> float | None:

@@ -111,7 +111,7 @@ def test_a_resident_model_is_not_evicted_and_the_plan_says_when_it_may_be() -> N
     plan = plan_capacity(models, "x", 0, 2, 0, now=100.0, min_resident_seconds=30)
     assert not plan.ok and plan.evict == () and not plan.wait
     assert plan.room_at == 120.0  # the first to pass its residency makes enough room
-    assert "2 loaded less than min_resident_seconds ago" in plan.reason
+    assert "2 still resident (min_resident_seconds)" in plan.reason
     later = plan_capacity(models, "x", 0, 2, 0, now=121.0, min_resident_seconds=30)
     assert later.evict == ("young",)
 
@@ -161,7 +161,10 @@ def hot(pool: ModelPool, jobs: Jobs, model: str, now: list[float], load_for: flo
 
 def test_two_models_taking_turns_over_one_slot_wait_out_the_residency() -> None:
     pool, jobs, now = pool_of(
-        [ModelEntry("a"), ModelEntry("b")], max_concurrent_models=1, min_resident_seconds=30
+        [ModelEntry("a"), ModelEntry("b")],
+        max_concurrent_models=1,
+        min_resident_seconds=30,
+        resident_load_multiple=0,  # every model resident for 30 s
     )
     hot(pool, jobs, "a", now)
     now[0] += 10
@@ -173,6 +176,55 @@ def test_two_models_taking_turns_over_one_slot_wait_out_the_residency() -> None:
     with pytest.raises(LoadTimeout):  # b waits for a to stop; here nobody reports the stop
         pool.ensure_loaded("b", timeout=0.1)
     assert jobs.stops == ["a"]
+
+
+def test_residency_is_a_multiple_of_the_load_time_capped_by_min_resident_seconds() -> None:
+    pool, jobs, now = pool_of(
+        [ModelEntry("quick"), ModelEntry("b")],
+        max_concurrent_models=1,
+        min_resident_seconds=30,
+        resident_load_multiple=2,
+    )
+    hot(pool, jobs, "quick", now, load_for=4)  # resident for 2 x 4 s
+    now[0] += 5
+    with pytest.raises(NoCapacity) as info:
+        pool.ensure_loaded("b", wait=False)
+    assert info.value.retry_after == pytest.approx(3.0)
+    now[0] += 3
+    with pytest.raises(LoadTimeout):  # its residency is over: it makes room
+        pool.ensure_loaded("b", timeout=0.1)
+    assert jobs.stops == ["quick"]
+    # A model that takes 20 s to load is resident for min_resident_seconds (30), not 40.
+    pool2, jobs2, now2 = pool_of(
+        [ModelEntry("slow"), ModelEntry("b")],
+        max_concurrent_models=1,
+        min_resident_seconds=30,
+        resident_load_multiple=2,
+    )
+    hot(pool2, jobs2, "slow", now2, load_for=20)
+    now2[0] += 1
+    with pytest.raises(NoCapacity) as info:
+        pool2.ensure_loaded("b", wait=False)
+    assert info.value.retry_after == pytest.approx(29.0)
+
+
+@pytest.mark.parametrize(
+    ("load_seconds", "multiple", "cap", "expected"),
+    [
+        (1.0, 2.0, 30.0, 2.0),
+        (4.0, 2.0, 30.0, 8.0),
+        (20.0, 2.0, 30.0, 30.0),  # capped
+        (None, 2.0, 30.0, 10.0),  # never measured: the default load time
+        (4.0, 0.0, 30.0, 30.0),  # multiple 0: min_resident_seconds for all
+        (4.0, 2.0, 0.0, 0.0),  # min_resident_seconds 0: no residency at all
+    ],
+)
+def test_residency_table(
+    load_seconds: float | None, multiple: float, cap: float, expected: float
+) -> None:
+    m = view("m", loaded_at=100.0, load_seconds=load_seconds)
+    assert eviction.residency(m, cap, multiple) == pytest.approx(expected)
+    assert eviction.resident_until(m, cap, multiple) == pytest.approx(100.0 + expected)
 
 
 def test_the_pool_evicts_the_model_that_is_cheapest_to_reload() -> None:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import requests
 
-from model_service.backends import make_backend
+from model_service.backends import llamacpp, make_backend
 from model_service.backends.base import BackendError
-from model_service.backends.llamacpp import LlamaCppBackend
+from model_service.backends.llamacpp import LlamaCppBackend, read_ahead
 from model_service.demo_model import DemoShape, write_demo_model
 from model_service.spec import WorkerSpec
 from tests.stack import Stack, wait_until
@@ -146,6 +146,39 @@ def test_requests_queue_up_to_the_limit(models: dict[str, Path]) -> None:
     for t in threads:
         t.join(60)
     assert len(results) == 5 and all(r > 0 for r in results)
+    b.unload()
+
+
+def test_read_ahead_counts_every_byte_in_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 1000)  # 256,000 bytes
+    counts: list[int] = []
+    assert read_ahead(path, 100_000, counts.append) == 256_000
+    assert counts == [100_000, 100_000, 56_000]
+
+
+def test_load_progress_is_the_share_of_the_file_read(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = WorkerSpec(model_id="demo", port=1, backend="llamacpp", model_path=str(models["small"]))
+    b = make_backend(spec)
+    assert isinstance(b, LlamaCppBackend)
+    assert b.load_progress() is None  # not started: nothing to say
+    seen: list[float | None] = []
+    original = llamacpp.read_ahead
+
+    def watched(path: Path, chunk: int, on_read: Any) -> int:
+        def count(n: int) -> None:
+            on_read(n)
+            seen.append(b.load_progress())
+
+        return original(path, models["small"].stat().st_size // 3 + 1, count)
+
+    monkeypatch.setattr(llamacpp, "read_ahead", watched)
+    b.load()
+    assert len(seen) == 3 and all(x is not None for x in seen)
+    assert seen == sorted(seen) and 0.3 < seen[0] < 0.4 and seen[-1] == 1.0
+    assert b.load_progress() == 1.0
     b.unload()
 
 

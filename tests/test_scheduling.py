@@ -28,7 +28,12 @@ def stack(make_stack: Any) -> Stack:
         {"model_id": "c", **TINY},
         {"model_id": "d", **TINY},
     ]
-    settings = {"max_concurrent_models": 1, "min_resident_seconds": RESIDENT}
+    # A fixed residency (not a multiple of the stand-in's quick loads): what the tests count on.
+    settings = {
+        "max_concurrent_models": 1,
+        "min_resident_seconds": RESIDENT,
+        "resident_load_multiple": 0,
+    }
     return make_stack(models, settings)  # type: ignore[no-any-return]
 
 

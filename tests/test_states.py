@@ -31,6 +31,8 @@ EXPECTED = {
     (S.HOT, E.NODE_LOST): S.FAILED,
     (S.COOLING, E.NODE_LOST): S.FAILED,
     (S.UNLOADING, E.NODE_LOST): S.COLD,
+    # A load job cancelled before it finished (DELETE /jobs/{id}): its worker is stopped.
+    (S.WARMING, E.LOAD_CANCELLED): S.UNLOADING,
 }
 
 

@@ -22,6 +22,8 @@ class WorkerHealth:
     #: "permanent" when retrying the load will not help.
     error_kind: str | None = None
     pid: int | None = None
+    #: While loading: how far the backend is, 0..1, where it says (None: it does not).
+    progress: float | None = None
     raw: dict[str, Any] | None = None
 
     @classmethod
@@ -43,6 +45,7 @@ class WorkerHealth:
             error=data.get("error") if isinstance(data.get("error"), str) else None,
             error_kind=data.get("error_kind") if isinstance(data.get("error_kind"), str) else None,
             pid=int(p) if (p := num("pid")) is not None else None,
+            progress=num("progress"),
             raw=data,
         )
 

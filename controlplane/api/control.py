@@ -108,7 +108,10 @@ def load(model_id: str) -> tuple[Response, int]:
     wait = flag(data, "wait")
     timeout = positive(data, "timeout")
     pool = service().pool
-    pool.ensure_loaded(model_id, timeout, manual=True, wait=wait)
+    if wait:
+        pool.ensure_loaded(model_id, timeout, manual=True, wait=True)
+    else:
+        pool.load_job(model_id, timeout)  # started, or queued for room: the view's job
     view = pool.describe(pool.record(model_id))
     return jsonify(view), 200 if view["state"] in ("HOT", "COOLING") else 202
 

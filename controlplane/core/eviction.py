@@ -5,8 +5,11 @@ Rules (pure; the pool applies the result):
 - A model is never evicted to make room for a model of lower ``priority``; ``critical`` models
   are never evicted at all (they still expire by TTL unless warmup). Warmup models and models
   with a request in flight (or a lease) are never evicted either.
-- A model loaded less than ``min_resident_seconds`` ago is not evicted for another load: two
-  models taking turns over one slot cannot evict each other on every request.
+- A model is resident (not evicted for another load) for ``resident_load_multiple`` times its
+  measured load time, at most ``min_resident_seconds``: two models taking turns over one slot
+  cannot evict each other on every request, and waiting for room never costs much more than the
+  reload it avoids (the ski-rental rule: keep paying rent until it adds up to the price of
+  buying). ``resident_load_multiple`` 0 makes every model resident for ``min_resident_seconds``.
 - Among the models that may go, the lowest priority goes first; among equals, the one whose
   eviction costs least. The cost is the reload time the pool expects to pay for it::
 
@@ -73,9 +76,18 @@ def may_evict_for(m: Candidate, priority: str) -> bool:
     return m.priority != "critical" and rank(m.priority) <= rank(priority)
 
 
-def resident_until(m: Candidate, min_resident_seconds: float) -> float:
+def residency(m: Candidate, min_resident_seconds: float, load_multiple: float = 0.0) -> float:
+    """How long (seconds) ``m`` stays resident after its load: ``load_multiple`` times its
+    load time, at most ``min_resident_seconds`` (``load_multiple`` 0: that alone)."""
+    if load_multiple <= 0:
+        return min_resident_seconds
+    load = DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
+    return min(min_resident_seconds, load_multiple * load)
+
+
+def resident_until(m: Candidate, min_resident_seconds: float, load_multiple: float = 0.0) -> float:
     """When ``m`` may first be evicted for another load."""
-    return (m.loaded_at or 0.0) + min_resident_seconds
+    return (m.loaded_at or 0.0) + residency(m, min_resident_seconds, load_multiple)
 
 
 M = TypeVar("M", bound=Candidate)

@@ -45,6 +45,7 @@ class Want:
     priority: str = "normal"
     now: float | None = None
     min_resident_seconds: float = 0.0
+    resident_load_multiple: float = 0.0
     order: str = "cost"
 
 
@@ -110,6 +111,7 @@ def place(
                 priority=want.priority,
                 now=want.now,
                 min_resident_seconds=want.min_resident_seconds,
+                resident_load_multiple=want.resident_load_multiple,
                 order=want.order,
             )
             if plan.ok:

@@ -145,6 +145,7 @@ def plan_capacity(
     priority: str = "normal",
     now: float | None = None,
     min_resident_seconds: float = 0.0,
+    resident_load_multiple: float = 0.0,
     order: str = "cost",
 ) -> CapacityPlan:
     """Decide whether ``candidate`` (of ``priority``) fits, and which idle models to evict if
@@ -153,8 +154,12 @@ def plan_capacity(
     Models in UNLOADING still hold their memory and port until they stop, so they count
     against the limits; the caller waits for them rather than overshooting.
     Evictable: HOT or COOLING, not warmup, nothing in flight, not of a higher priority (nor
-    critical), and (with ``now``) loaded at least ``min_resident_seconds`` ago.
+    critical), and (with ``now``) past its residency (``eviction.residency``).
     """
+
+    def resident_until(m: ModelView) -> float:
+        return eviction.resident_until(m, min_resident_seconds, resident_load_multiple)
+
     occupying = [m for m in models if m.state in OCCUPYING and m.model_id != candidate]
     unloading = [m for m in occupying if m.state is State.UNLOADING]
     settled = [m for m in occupying if m.state is not State.UNLOADING]
@@ -166,11 +171,7 @@ def plan_capacity(
         and m.in_flight == 0
         and eviction.may_evict_for(m, priority)
     ]
-    evictable = [
-        m
-        for m in eviction.order(idle, order)
-        if now is None or now >= eviction.resident_until(m, min_resident_seconds)
-    ]
+    evictable = [m for m in eviction.order(idle, order) if now is None or now >= resident_until(m)]
     limit_mem = memory_limit_mb > 0
 
     def fits(kept: Sequence[ModelView], pending: Sequence[ModelView]) -> bool:
@@ -195,14 +196,14 @@ def plan_capacity(
         evict.append(victim.model_id)
     if fits(kept, ()):
         return CapacityPlan(ok=False, evict=tuple(evict), wait=True)
-    # Would it fit once the models still resident for min_resident_seconds may go?
+    # Would it fit once the models still resident may go?
     room_at = None
     if now is not None and len(idle) > len(evictable):
         kept = list(settled)
-        for victim in sorted(idle, key=lambda m: eviction.resident_until(m, min_resident_seconds)):
+        for victim in sorted(idle, key=resident_until):
             kept.remove(victim)
             if fits(kept, ()):
-                room_at = eviction.resident_until(victim, min_resident_seconds)
+                room_at = resident_until(victim)
                 break
     busy = len(settled) - len(idle)
     resident = len(idle) - len(evictable)
@@ -211,7 +212,7 @@ def plan_capacity(
         reason=(
             f"no capacity: {len(occupying)} of max_concurrent_models {max_models} loaded, "
             f"{busy} busy, warmup or of higher priority"
-            + (f", {resident} loaded less than min_resident_seconds ago" if resident else "")
+            + (f", {resident} still resident (min_resident_seconds)" if resident else "")
             + f", memory {sum(m.memory_mb for m in occupying):.0f}"
             f" of memory_limit_mb {memory_limit_mb:.0f}"
         ),

@@ -39,6 +39,8 @@ class Event(StrEnum):
     UNLOAD_REQUESTED = "UNLOAD_REQUESTED"
     #: The worker process stopped after an unload; its port is free.
     STOPPED = "STOPPED"
+    #: A load that had not finished was cancelled (``DELETE /jobs/{id}``): its worker stops.
+    LOAD_CANCELLED = "LOAD_CANCELLED"
     #: The worker's node has been unreachable for ``node_timeout_seconds``.
     NODE_LOST = "NODE_LOST"
 
@@ -60,6 +62,8 @@ TRANSITIONS: Final[Mapping[tuple[State, Event], State]] = {
     (S.HOT, E.PROCESS_EXITED): S.FAILED,
     (S.COOLING, E.PROCESS_EXITED): S.FAILED,
     (S.UNLOADING, E.STOPPED): S.COLD,
+    # A cancelled load stops its worker like an unload, and ends COLD.
+    (S.WARMING, E.LOAD_CANCELLED): S.UNLOADING,
     (S.FAILED, E.LOAD_REQUESTED): S.WARMING,
     # A lost node takes its workers with it: the next request loads the model elsewhere; a
     # model that was being unloaded is as good as stopped.

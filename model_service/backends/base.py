@@ -68,6 +68,10 @@ class Backend(Protocol):
     def load(self) -> None:
         """Make the model resident. Blocks; raises BackendError with a clear message on failure."""
 
+    def load_progress(self) -> float | None:
+        """How far ``load`` is, 0..1, while it runs (read from another thread); None when the
+        backend cannot say."""
+
     def unload(self) -> None:
         """Release the model (best effort; called when the worker stops)."""
 

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,6 +49,8 @@ TOOL_FORMATS: Final = frozenset(
     {"chatml-function-calling", "functionary", "functionary-v1", "functionary-v2"}
 )
 #: Options of the worker itself.
+#: Bytes read at a time ahead of llama.cpp (the load's progress moves by this much).
+READ_AHEAD_CHUNK: Final = 8 * 2**20
 WORKER_OPTIONS: Final[dict[str, type]] = {"max_queue": int, "queue_timeout": float}
 DEFAULTS: Final[dict[str, Any]] = {
     "n_ctx": 2048,
@@ -96,6 +98,18 @@ class TokenCap:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+
+
+def read_ahead(path: Path, chunk: int, on_read: Callable[[int], None]) -> int:
+    """Read ``path`` through, ``chunk`` bytes at a time, telling ``on_read`` each count; the
+    total read."""
+    total = 0
+    buf = bytearray(chunk)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+            on_read(n)
+    return total
 
 
 def _invalid(message: str) -> BackendError:
@@ -170,6 +184,9 @@ class LlamaCppBackend:
             path = Path.cwd() / path
         self.path = path
         self.llm: llama_cpp.Llama | None = None
+        #: The model file's size and how much of it ``load`` has read (``load_progress``).
+        self._size = 0
+        self._read = 0
         self._model_lock = threading.Lock()
         # Running plus waiting requests: more than this is refused at once.
         self._slots = threading.BoundedSemaphore(1 + int(self.options["max_queue"]))
@@ -211,6 +228,7 @@ class LlamaCppBackend:
                 type="configuration_error",
                 code="model_not_found",
             )
+        self._read_ahead()
         kwargs = {k: v for k, v in self.options.items() if k in LLAMA_OPTIONS}
         kwargs.setdefault("n_threads", max(1, (os.cpu_count() or 2)))
         try:
@@ -222,6 +240,25 @@ class LlamaCppBackend:
                 type="configuration_error",
                 code="load_failed",
             ) from None
+
+    def _read_ahead(self) -> None:
+        """Read the file once before llama.cpp opens it, counting bytes (the load's progress).
+
+        llama.cpp then finds the file in the page cache, whether it maps or reads it, so the
+        whole load takes about as long; what it does after reading is not counted.
+        """
+        self._size = self.path.stat().st_size
+        self._read = 0
+
+        def count(n: int) -> None:
+            self._read += n
+
+        read_ahead(self.path, READ_AHEAD_CHUNK, count)
+
+    def load_progress(self) -> float | None:
+        if self._size <= 0:
+            return None
+        return min(1.0, self._read / self._size)
 
     def unload(self) -> None:
         llm, self.llm = self.llm, None

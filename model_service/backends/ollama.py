@@ -166,6 +166,9 @@ class OllamaBackend:
             # Best effort: the worker is stopping either way, and Ollama may be gone already.
             log.warning("unloading %s from Ollama at %s failed: %s", self.model, self.base_url, exc)
 
+    def load_progress(self) -> float | None:
+        return None  # the backend does not say how far a load is
+
     def memory_mb(self) -> float | None:
         try:
             response = self._session.get(self.base_url + "/api/ps", timeout=CONTROL_TIMEOUT)

@@ -125,6 +125,9 @@ class OpenAIBackend:
     def unload(self) -> None:
         """Nothing to release: the upstream keeps its model."""
 
+    def load_progress(self) -> float | None:
+        return None  # the backend does not say how far a load is
+
     def memory_mb(self) -> float | None:
         return self.spec.memory_mb
 

@@ -358,7 +358,13 @@
       unload: btn("unload", "Unload", "", "Drain in-flight requests, then stop the worker"),
       "force-unload": btn("force-unload", "Force", "danger", "Stop the worker now, no drain"),
       extend: btn("extend", "Extend", "", "Move the TTL deadline by this many minutes"),
+      cancel: btn("cancel", "Cancel", "danger", "Cancel this load: its worker is stopped"),
     };
+    // The live load job: phase, a progress bar (indeterminate where the backend does not
+    // say) and its cancel button.
+    row.jobBar = el("progress", { class: "job-bar", max: "1" });
+    row.jobText = el("span", { class: "job-text" });
+    row.job = el("div", { class: "job", hidden: true }, row.jobBar, row.jobText, row.buttons.cancel);
     row.minutes = el("input", {
       type: "number",
       class: "minutes",
@@ -379,7 +385,7 @@
       "tr",
       { dataset: { model: id } },
       el("td", { class: "model-cell", dataset: { field: "model" } }, row.name, row.meta),
-      el("td", { dataset: { field: "state" } }, row.badge),
+      el("td", { dataset: { field: "state" } }, row.badge, row.job),
       row.endpoint,
       row.ttl,
       row.inFlight,
@@ -469,7 +475,28 @@
     renderMemory(row);
     renderError(row, m.last_error);
     renderTtl(row, Date.now());
+    renderJob(row);
     renderButtons(row);
+  }
+
+  const LIVE_PHASES = ["queued", "spawning", "loading_weights"];
+
+  function liveJob(m) {
+    return m && m.job && LIVE_PHASES.includes(m.job.phase) ? m.job : null;
+  }
+
+  function renderJob(row) {
+    const job = liveJob(row.data);
+    row.job.hidden = !job;
+    if (!job) return;
+    row.job.dataset.job = job.job_id;
+    row.job.dataset.phase = job.phase;
+    const known = job.progress !== null && job.progress !== undefined;
+    if (known) row.jobBar.value = job.progress;
+    else row.jobBar.removeAttribute("value"); // indeterminate
+    const phase = job.phase.replace("_", " ");
+    row.jobText.textContent = known ? `${phase} ${Math.round(job.progress * 100)}%` : phase;
+    row.job.title = `load job ${job.job_id}`;
   }
 
   function renderMemory(row) {
@@ -550,6 +577,7 @@
       unload: state === "HOT" || state === "COOLING",
       "force-unload": state === "HOT" || state === "COOLING" || state === "UNLOADING",
       extend: state === "HOT" || state === "COOLING",
+      cancel: liveJob(row.data) !== null,
     };
     for (const [action, button] of Object.entries(row.buttons)) {
       button.disabled = row.busy || !enabled[action];
@@ -568,6 +596,7 @@
     const id = row.id;
     const path = `/models/${encodeURIComponent(id)}`;
     let request;
+    if (action === "cancel") return cancelJob(row);
     if (action === "load") request = ["load", { wait: false }, "Load"];
     else if (action === "unload") request = ["unload", {}, "Unload"];
     else if (action === "force-unload") request = ["unload", { force: true }, "Force unload"];
@@ -603,6 +632,23 @@
       }
     } catch (err) {
       if (err.status !== 401) showError(`${label} ${id}: ${err.message}`);
+    } finally {
+      row.busy = false;
+      renderButtons(row);
+      refreshNow();
+    }
+  }
+
+  async function cancelJob(row) {
+    const job = liveJob(row.data);
+    if (!job) return;
+    row.busy = true;
+    renderButtons(row);
+    try {
+      const { data } = await api("DELETE", `/jobs/${encodeURIComponent(job.job_id)}`);
+      showMessage(`Load of ${row.id} ${data ? data.phase : "cancelled"}`, "success");
+    } catch (err) {
+      if (err.status !== 401) showError(`Cancel the load of ${row.id}: ${err.message}`);
     } finally {
       row.busy = false;
       renderButtons(row);
