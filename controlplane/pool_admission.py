@@ -179,32 +179,26 @@ class Admission:
                         )
                     queues = wait and queue and self.settings.capacity_wait_seconds > 0
                     if idle and rec.chore is Chore.NONE:
-                        if not self._room_queue or self._room_queue[0] is ticket:
-                            try:
-                                started_gen = self._try_start(rec, manual)
-                            except NoCapacity as refusal:
-                                ticket = self._wait_for_room(ticket, refusal, queues, began)
-                            else:
-                                notify = notify or started_gen is not None
-                                if started_gen is not None:
-                                    # The load timeout is the load's: time spent waiting for
-                                    # room before it does not count against it.
-                                    give_up = time.monotonic() + limit
-                                    if ticket is not None:
-                                        self._leave_room_queue(ticket)
-                                        ticket = None
-                                    continue
-                                if ticket is None and queues:
-                                    # Room is being made for it (evictions): it keeps its place
-                                    # ahead of later callers until its load starts (its wait
-                                    # is bounded by the load timeout, not the room wait).
-                                    ticket = Ticket(math.inf)
-                                    self._room_queue.append(ticket)
-                        else:  # others wait for room already: behind them, in order
-                            where = self._place(rec, self._estimate(rec))
-                            if where.node is None and not where.waitable:
-                                raise NoCapacity(where.reason, retry_after=5)  # never fits
-                            ticket = self._wait_for_room(ticket, None, queues, began)
+                        try:
+                            started_gen = self._try_start(rec, manual, self._nodes_ahead(ticket))
+                        except NoCapacity as refusal:
+                            ticket = self._wait_for_room(ticket, refusal, queues, began, rec)
+                        else:
+                            notify = notify or started_gen is not None
+                            if started_gen is not None:
+                                # The load timeout is the load's: time spent waiting for room
+                                # before it does not count against it.
+                                give_up = time.monotonic() + limit
+                                if ticket is not None:
+                                    self._leave_room_queue(ticket)
+                                    ticket = None
+                                continue
+                            if ticket is None and queues:
+                                # Room is being made for it (evictions): it keeps its place
+                                # ahead of later callers until its load starts (its wait is
+                                # bounded by the load timeout, not the room wait).
+                                ticket = Ticket(math.inf, self._eligible_nodes(rec))
+                                self._room_queue.append(ticket)
                     remaining = give_up - time.monotonic()
                     if remaining <= 0:
                         raise LoadTimeout(
@@ -231,34 +225,38 @@ class Admission:
     def _wait_for_room(
         self: PoolParts,
         ticket: Ticket | None,
-        refusal: NoCapacity | None,
+        refusal: NoCapacity,
         wait: bool,
         began: float,
+        rec: Record,
     ) -> Ticket:
-        """A load that finds no room (``refusal``), or others already waiting for room: take a
-        place in the FIFO queue (lock held), for up to ``capacity_wait_seconds`` from
-        ``began``; past that, or if waiting cannot help, the refusal (503 + Retry-After)."""
+        """A load that finds no room, or finds others waiting for room on the node it would
+        take (``refusal``): take a place in the FIFO queue of the nodes ``rec`` may use (lock
+        held), for up to ``capacity_wait_seconds`` from ``began``; past that, or if waiting
+        cannot help, the refusal (503 + Retry-After)."""
         limit = self.settings.capacity_wait_seconds
-        now = time.monotonic()
-        if refusal is not None and (not wait or not refusal.waitable or limit <= 0):
-            raise refusal
-        if not wait:  # a load call that returns at once (or a warmup load) does not queue
-            behind = NoCapacity(
-                f"{len(self._room_queue)} loads wait for room before this one", retry_after=5
-            )
-            behind.waitable = True
-            raise behind
+        if not wait or not refusal.waitable or limit <= 0:
+            raise refusal  # a load call that returns at once, a warmup load, a never-fits
         if ticket is None:
-            ticket = Ticket(began + limit)
+            ticket = Ticket(began + limit, self._eligible_nodes(rec))
             self._room_queue.append(ticket)
-        if now >= ticket.until:
+        if time.monotonic() >= ticket.until:
             self._leave_room_queue(ticket)
             raise NoCapacity(
-                f"no room within capacity_wait_seconds ({limit:g} s)"
-                + (f": {refusal}" if refusal is not None else f"; {len(self._room_queue)} wait"),
-                retry_after=refusal.retry_after if refusal is not None else 5,
+                f"no room within capacity_wait_seconds ({limit:g} s): {refusal}",
+                retry_after=refusal.retry_after,
             )
         return ticket
+
+    def _nodes_ahead(self: PoolParts, ticket: Ticket | None) -> frozenset[str]:
+        """The nodes that callers ahead of ``ticket`` (all of them, for a caller without one)
+        wait for room on (lock held): a load there must queue behind them."""
+        ahead: set[str] = set()
+        for t in self._room_queue:
+            if t is ticket:
+                break
+            ahead |= t.nodes
+        return frozenset(ahead)
 
     def _leave_room_queue(self: PoolParts, ticket: Ticket) -> None:
         if ticket in self._room_queue:
@@ -298,8 +296,14 @@ class Admission:
         rec.waiters -= 1
         self._waiting -= 1
 
-    def _try_start(self: PoolParts, rec: Record, manual: bool) -> int | None:
-        """Start loading ``rec`` if capacity allows (lock held); None if it must wait first."""
+    def _try_start(
+        self: PoolParts, rec: Record, manual: bool, ahead: frozenset[str] = frozenset()
+    ) -> int | None:
+        """Start loading ``rec`` if capacity allows (lock held); None if it must wait first.
+
+        A load whose node is one that earlier callers wait for room on (``ahead``) is refused
+        (waitable): it queues behind them. One that fits on another node goes ahead.
+        """
         now = self.clock()
         if rec.state is State.FAILED and not manual and rec.retry_at == math.inf:
             raise LoadFailed(
@@ -315,6 +319,14 @@ class Admission:
             )
         rec.estimate_mb = self._estimate(rec)
         where = self._place(rec, rec.estimate_mb)
+        if where.node is None and ahead and where.waitable:
+            where = replace(where, reason=f"{where.reason}; others wait for room before it")
+        if where.node is not None and where.node in ahead:
+            behind = NoCapacity(
+                f"loads wait for room on node {where.node!r} before this one", retry_after=5
+            )
+            behind.waitable = True
+            raise behind
         plan = where.plan
         if where.node is None or not (plan.ok or plan.evict or plan.wait):
             self.stats.refused(rec.entry.model_id)

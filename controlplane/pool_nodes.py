@@ -125,6 +125,11 @@ class Nodes:
             self._node_views(), self._models_by_node(), want, self.settings.placement
         )
 
+    def _eligible_nodes(self: PoolParts, rec: Record) -> frozenset[str]:
+        """The nodes ``rec`` may be placed on, room aside (its pins and labels, up, a port)."""
+        want = placement.Want(rec.entry.model_id, 0.0, rec.entry.nodes, rec.entry.labels)
+        return frozenset(v.name for v in self._node_views() if placement.eligible(v, want) is None)
+
     def _any_node_up(self: PoolParts) -> bool:
         return any(s.up for s in self._placeable())
 

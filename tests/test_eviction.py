@@ -417,7 +417,7 @@ def test_while_others_wait_a_model_that_can_never_fit_and_a_warmup_are_refused_a
     began = time.monotonic()
     with pytest.raises(NoCapacity, match="more than memory_limit_mb"):
         pool.ensure_loaded("huge", timeout=10)
-    with pytest.raises(NoCapacity, match="wait for room before this one"):
+    with pytest.raises(NoCapacity, match="others wait for room"):
         pool.ensure_loaded("b", timeout=10, queue=False)  # a warmup load
     assert time.monotonic() - began < 1
     waiter.join(10)

@@ -12,6 +12,7 @@ import pytest
 
 from controlplane.adapters.supervisord import SupervisorUnavailable, TwiddlerClient
 from controlplane.core.states import State
+from controlplane.errors import NoCapacity
 from controlplane.nodeconfig import NodeConfig
 from controlplane.pool import ModelPool
 from controlplane.records import Lifecycle
@@ -229,3 +230,61 @@ def test_a_nodes_ollama_is_reached_at_the_nodes_address() -> None:
     assert reachable_ollama(node("http://10.0.0.9:11434", "10.0.0.5")) == "http://10.0.0.9:11434"
     # Nodes on this machine's loopback addresses (the tests' own) keep theirs.
     assert reachable_ollama(node("http://127.0.0.2:9", "127.0.0.2")) == "http://127.0.0.2:9"
+
+
+def test_the_queue_for_room_is_per_node() -> None:
+    """A caller waiting for room on node a does not hold up a load that fits on node b; a load
+    that needs node a queues behind it."""
+    nodes = [
+        NodeConfig(n, f"http://10.0.0.{i}:9001", "/p", f"10.0.0.{i}", max_concurrent_models=1)
+        for i, n in ((2, "a"), (3, "b"))
+    ]
+    settings = parse_settings(
+        {
+            "local_node": False,
+            "nodes": nodes,
+            "min_resident_seconds": 0,
+            "capacity_wait_seconds": 10,
+        }
+    )
+    entries = (
+        ModelEntry("held", nodes=("a",)),
+        ModelEntry("waits", nodes=("a",)),
+        ModelEntry("also-a", nodes=("a",)),
+        ModelEntry("anywhere"),
+    )
+    pool = ModelPool(settings, entries)
+    pool.configure_nodes(nodes)
+    jobs = Jobs()
+    pool.lifecycle = jobs
+    up(pool, "a")
+    up(pool, "b")
+    hot(pool, "held")
+    held = pool.begin_request("held", timeout=5)  # node a is full and busy
+    assert pool.record("held").node == "a"
+    outcome: list[object] = []
+
+    def wait_for_room() -> None:
+        try:
+            outcome.append(pool.ensure_loaded("waits", timeout=5).node)
+        except Exception as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_for_room)
+    waiter.start()
+    assert pool.wait_for(lambda: len(pool._room_queue) == 1, 5)
+    assert pool._room_queue[0].nodes == frozenset({"a"})
+    # A model that fits on b is loaded there at once, not queued behind the wait on a.
+    rec = pool.ensure_loaded("anywhere", wait=False)
+    assert (rec.state, rec.node) == (State.WARMING, "b")
+    # One that needs a queues behind the caller already waiting there.
+    with pytest.raises(NoCapacity, match="others wait for room"):
+        pool.ensure_loaded("also-a", wait=False)
+    assert pool.record("also-a").state is State.COLD
+    pool.release("held", held.gen)  # a's model is idle: the first in line evicts it
+    assert pool.wait_for(lambda: pool._records["held"].state is State.UNLOADING, 5)
+    pool.stopped("held", pool.record("held").gen)
+    assert pool.wait_for(lambda: pool._records["waits"].state is State.WARMING, 5)
+    pool.became_ready("waits", pool.record("waits").gen, 100.0, 1)
+    waiter.join(5)
+    assert outcome == ["a"]
