@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -216,3 +217,37 @@ def test_no_capacity_is_a_503_with_retry_after(make_stack: Any, slow_tokens: Oll
         timeout=60,
     )
     assert r.status_code == 200 and s.state("tiny:1b") == "COLD"
+
+
+def _ask_twice(host: str, port: int, path: str, pause: float) -> list[bytes]:
+    """Two GETs on one kept-alive connection, ``pause`` seconds apart: each answer's status
+    line (b"" when the server closed the connection meanwhile)."""
+    lines = []
+    with socket.create_connection((host, port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        for i in range(2):
+            if i:
+                time.sleep(pause)
+            try:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                status = reader.readline()
+            except OSError:
+                status = b""
+            lines.append(status)
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+    return lines
+
+
+def test_a_connection_idle_past_a_retry_after_is_still_served(stack: Stack) -> None:
+    """A client that sleeps a 503's Retry-After (5 s, the most given) and asks again on the same
+    connection finds it open: the control plane and the workers keep idle connections longer,
+    so the retry does not race gunicorn closing it."""
+    port = stack.load("tiny:1b")["port"]
+    for p, path in ((stack.control_port, "/health"), (port, "/health")):
+        first, second = _ask_twice("127.0.0.1", p, path, 6.0)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        assert second.startswith(b"HTTP/1.1 200"), (p, second)
