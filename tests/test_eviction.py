@@ -116,6 +116,27 @@ def test_a_resident_model_is_not_evicted_and_the_plan_says_when_it_may_be() -> N
     assert later.evict == ("young",)
 
 
+@pytest.mark.parametrize(
+    ("models", "need_mb", "waitable"),
+    [
+        # Busy, leased, resident or of higher priority: they go some day, so waiting may help.
+        ([view("busy", in_flight=2), view("boss", priority="critical")], 1000.0, True),
+        # Warmup models never go: with them alone the node is full, so waiting cannot help.
+        ([view("w1", warmup=True), view("w2", warmup=True)], 1000.0, False),
+        # Beside the warmup model there is memory enough once the busy one is gone.
+        ([view("w1", warmup=True), view("busy", in_flight=1)], 1000.0, True),
+        # Beside the warmup models it would never fit in memory.
+        ([view("w1", warmup=True, memory_mb=3000.0), view("busy", in_flight=1)], 1500.0, False),
+    ],
+)
+def test_a_plan_says_whether_waiting_can_ever_make_room(
+    models: list[ModelView], need_mb: float, waitable: bool
+) -> None:
+    plan = plan_capacity(models, "x", need_mb, 2, 4000.0, now=100.0)
+    assert not plan.ok and not plan.evict
+    assert plan.waitable is waitable
+
+
 def test_memory_enforcement_spares_critical_models() -> None:
     models = [
         view("crit", priority="critical", memory_mb=6000.0, last_used=0.0),

@@ -121,8 +121,7 @@ def place(
                 evicting.append((node, plan))
                 continue
             reason = plan.reason
-            limit = node.memory_limit_mb
-            waitable = waitable or limit <= 0 or want.need_mb <= limit
+            waitable = waitable or plan.waitable
             if plan.room_at is not None:
                 room_at.append(plan.room_at)
         why.append(f"{node.name}: {reason}")

@@ -133,6 +133,9 @@ class CapacityPlan:
     #: When room could be made, if only models still inside their ``min_resident_seconds``
     #: stand in the way (the time to tell a client in Retry-After).
     room_at: float | None = None
+    #: Room may free up by waiting: the model would fit beside the warmup models alone (every
+    #: other model expires, is unloaded or lets go of its lease in time). False: it never fits.
+    waitable: bool = False
 
 
 def plan_capacity(
@@ -209,6 +212,7 @@ def plan_capacity(
     resident = len(idle) - len(evictable)
     return CapacityPlan(
         ok=False,
+        waitable=fits([m for m in settled if m.warmup], ()),
         reason=(
             f"no capacity: {len(occupying)} of max_concurrent_models {max_models} loaded, "
             f"{busy} busy, warmup or of higher priority"
