@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+import yaml
 
 from tests.ollama_standin import OllamaStandin
 from tests.stack import Stack
@@ -188,6 +189,13 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=90.0)
     ap.add_argument("--seconds-per-gb", type=float, default=0.5)
     ap.add_argument("--policies", default=",".join(POLICIES), help="which runs, comma-separated")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the modelpool run (YAML value), to try others than the defaults",
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
     sizes = {f"m{i}:7b": int(rng.uniform(1, 8) * GB) for i in range(args.models)}
@@ -202,8 +210,11 @@ def main() -> None:
         f"load {args.seconds_per_gb:g} s per GB"
     )
     results: dict[str, Outcome] = {}
+    for key, _, value in (s.partition("=") for s in args.set):
+        POLICIES["modelpool"][key] = yaml.safe_load(value)
     for policy in args.policies.split(","):
         settings = POLICIES[policy]
+        print(f"  {policy}: {json.dumps(settings)}")
         standin = OllamaStandin(models=sizes, seconds_per_gb=args.seconds_per_gb).start()
         try:
             models = [
