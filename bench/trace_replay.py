@@ -80,6 +80,16 @@ class Outcome:
     loads: int
     requests: int
 
+    def plus(self, other: Outcome) -> Outcome:
+        """Two replays pooled."""
+        return Outcome(
+            self.waits + other.waits,
+            self.refusals + other.refusals,
+            self.failures + other.failures,
+            self.loads + other.loads,
+            self.requests + other.requests,
+        )
+
     def all_waits(self) -> list[float]:
         """Every request's wait: one not served (failed, or no answer) counts as endless."""
         return self.waits + [math.inf] * (self.requests - len(self.waits))
@@ -169,15 +179,29 @@ def pct(values: list[float], q: float) -> float:
 
 
 POLICIES: dict[str, dict[str, Any]] = {
-    "lru": {"eviction_order": "lru", "min_resident_seconds": 0, "capacity_wait_seconds": 0},
+    "lru": {
+        "eviction_order": "lru",
+        "min_resident_seconds": 0,
+        "min_idle_seconds": 0,
+        "capacity_wait_seconds": 0,
+    },
     # The defaults.
     "modelpool": {
         "eviction_order": "cost",
         "min_resident_seconds": 30,
-        "resident_load_multiple": 2,
+        "resident_load_multiple": 0.5,
+        "min_idle_seconds": 1,
         "capacity_wait_seconds": 30,
     },
 }
+
+
+def summary(policy: str, r: Outcome) -> str:
+    return (
+        f"  {policy:10s} loads {r.loads:4d}  hit ratio {1 - r.loads / max(1, r.requests):.2f}  "
+        f"wait p50 {pct(r.all_waits(), 0.5):6.2f} s  p95 {pct(r.all_waits(), 0.95):6.2f} s  "
+        f"503s {r.refusals:4d}  served {len(r.waits)}/{r.requests}  failed {r.failures}"
+    )
 
 
 def main() -> None:
@@ -196,6 +220,12 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a setting of the modelpool run (YAML value), to try others than the defaults",
     )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="replay the trace this many times per policy, taking turns (results pooled)",
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
     sizes = {f"m{i}:7b": int(rng.uniform(1, 8) * GB) for i in range(args.models)}
@@ -212,7 +242,7 @@ def main() -> None:
     results: dict[str, Outcome] = {}
     for key, _, value in (s.partition("=") for s in args.set):
         POLICIES["modelpool"][key] = yaml.safe_load(value)
-    for policy in args.policies.split(","):
+    for policy in args.policies.split(",") * args.repeats:
         settings = POLICIES[policy]
         print(f"  {policy}: {json.dumps(settings)}")
         standin = OllamaStandin(models=sizes, seconds_per_gb=args.seconds_per_gb).start()
@@ -226,24 +256,21 @@ def main() -> None:
                 ollama_url=standin.url,
             )
             with running(stack):
-                results[policy] = replay(stack, trace)
+                r = replay(stack, trace)
         finally:
             standin.stop()
-        r = results[policy]
-        served = len(r.waits)
-        print(
-            f"  {policy:10s} loads {r.loads:4d}  hit ratio {1 - r.loads / max(1, r.requests):.2f}  "
-            f"wait p50 {pct(r.all_waits(), 0.5):6.2f} s  "
-            f"p95 {pct(r.all_waits(), 0.95):6.2f} s  503s {r.refusals:4d}  "
-            f"served {served}/{r.requests}"
-            f"  failed {r.failures}"
-        )
+        results[policy] = results[policy].plus(r) if policy in results else r
+        print(summary(policy, r))
+    if args.repeats > 1:
+        print(f"pooled over {args.repeats} replays each:")
+        for policy, r in results.items():
+            print(summary(policy, r))
     if set(results) != set(POLICIES):
         return
     lru, new = results["lru"], results["modelpool"]
     fewer = 1 - new.loads / max(1, lru.loads)
     p95_new, p95_lru = pct(new.all_waits(), 0.95), pct(lru.all_waits(), 0.95)
-    print(f"fewer loads than LRU: {fewer:.0%}; p95 wait {p95_new:.2f} s against {p95_lru:.2f} s")
+    print(f"fewer loads than LRU: {fewer:.1%}; p95 wait {p95_new:.2f} s against {p95_lru:.2f} s")
     print(
         json.dumps(
             {

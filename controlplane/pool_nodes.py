@@ -119,6 +119,7 @@ class Nodes:
             self.clock(),
             self.settings.min_resident_seconds,
             self.settings.resident_load_multiple,
+            self.settings.min_idle_seconds,
             self.settings.eviction_order,
         )
         return placement.place(

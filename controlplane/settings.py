@@ -189,6 +189,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "0 = min_resident_seconds for every model",
     ),
     Setting(
+        "min_idle_seconds",
+        check_range(0, 3600),
+        "a model that began or ended a request this recently is not evicted for another load "
+        "(the next request of a burst is on its way)",
+    ),
+    Setting(
         "eviction_order",
         check_choice(ORDERS),
         "cost (priority, then reload cost) or lru (plain LRU, for comparison)",
@@ -243,7 +249,8 @@ class Settings:
     service_registry_heartbeat_seconds: float = 30.0
     api_key: str = ""
     min_resident_seconds: float = 30.0
-    resident_load_multiple: float = 2.0
+    resident_load_multiple: float = 0.5
+    min_idle_seconds: float = 1.0
     eviction_order: str = "cost"
     capacity_wait_seconds: float = 30.0
     nodes: tuple[NodeConfig, ...] = ()

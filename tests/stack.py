@@ -108,6 +108,7 @@ class Stack:
             "service_registry_url": "",
             # Tests load and evict within seconds; residency is tested where it is the subject.
             "min_resident_seconds": 0,
+            "min_idle_seconds": 0,
             "capacity_wait_seconds": 0,
         }
         config.update(settings or {})

@@ -3,7 +3,6 @@ residency, as table tests; then the pool applying them with a fake clock."""
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import Any
@@ -30,8 +29,9 @@ def view(mid: str, **kw: Any) -> ModelView:
     ("load_seconds", "rate", "expected"),
     [
         (10.0, 0.0, 0.0),  # never asked for: free to evict
-        (10.0, 1.0, 10.0),  # asked for every second: a reload for sure
-        (10.0, 1 / 300, 10.0 * (1 - math.exp(-1))),  # once per horizon
+        (10.0, 1.0, 10.0),  # asked for every second: 10 s of reload per second away
+        (10.0, 0.1, 1.0),  # a tenth as often: a tenth of the cost
+        (1.0, 2.0, 2.0),  # quick to load but asked for twice a second: kept over the 10 s one
         (None, 1.0, eviction.DEFAULT_LOAD_SECONDS),  # never measured: the default load time
     ],
 )
@@ -246,6 +246,33 @@ def test_residency_table(
     m = view("m", loaded_at=100.0, load_seconds=load_seconds)
     assert eviction.residency(m, cap, multiple) == pytest.approx(expected)
     assert eviction.resident_until(m, cap, multiple) == pytest.approx(100.0 + expected)
+
+
+@pytest.mark.parametrize(
+    ("last_used", "min_idle", "expected"),
+    [
+        (100.5, 1.0, 102.0),  # resident until 102 (2 x 1 s load); idle long enough by then
+        (101.8, 1.0, 102.8),  # used just before its residency ended: one more idle second
+        (150.0, 1.0, 151.0),  # long past its residency, but mid-burst: not for another second
+        (150.0, 0.0, 102.0),  # min_idle_seconds 0: residency alone
+    ],
+)
+def test_a_model_used_a_moment_ago_is_not_evicted_mid_burst(
+    last_used: float, min_idle: float, expected: float
+) -> None:
+    m = view("m", loaded_at=100.0, load_seconds=1.0, last_used=last_used)
+    assert eviction.resident_until(m, 30.0, 2.0, min_idle) == pytest.approx(expected)
+    models = [m]
+    before = plan_capacity(
+        models, "x", 0, 1, 0, now=expected - 0.01, min_resident_seconds=30.0,
+        resident_load_multiple=2.0, min_idle_seconds=min_idle,
+    )  # fmt: skip
+    assert before.evict == () and before.room_at == pytest.approx(expected)
+    after = plan_capacity(
+        models, "x", 0, 1, 0, now=expected, min_resident_seconds=30.0,
+        resident_load_multiple=2.0, min_idle_seconds=min_idle,
+    )  # fmt: skip
+    assert after.evict == ("m",)
 
 
 def test_the_pool_evicts_the_model_that_is_cheapest_to_reload() -> None:

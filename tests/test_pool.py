@@ -62,6 +62,7 @@ def make(
         "default_ttl_minutes": 1,
         "grace_period_minutes": 0.5,
         "min_resident_seconds": 0,  # eviction order is what these tests check
+        "min_idle_seconds": 0,
         "capacity_wait_seconds": 0,  # and a refusal is at once
     }
     base.update(settings)

@@ -244,6 +244,7 @@ def test_the_queue_for_room_is_per_node() -> None:
             "local_node": False,
             "nodes": nodes,
             "min_resident_seconds": 0,
+            "min_idle_seconds": 0,
             "capacity_wait_seconds": 10,
         }
     )

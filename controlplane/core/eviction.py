@@ -7,19 +7,23 @@ Rules (pure; the pool applies the result):
   with a request in flight (or a lease) are never evicted either.
 - A model is resident (not evicted for another load) for ``resident_load_multiple`` times its
   measured load time, at most ``min_resident_seconds``: two models taking turns over one slot
-  cannot evict each other on every request, and waiting for room never costs much more than the
-  reload it avoids (the ski-rental rule: keep paying rent until it adds up to the price of
-  buying). ``resident_load_multiple`` 0 makes every model resident for ``min_resident_seconds``.
+  cannot evict each other on every request, and waiting for room never costs more than a share
+  of the reload it avoids (the ski-rental rule: keep paying rent while it adds up to less than
+  the price of buying). ``resident_load_multiple`` 0 makes every model resident for
+  ``min_resident_seconds``.
+- Nor is a model evicted within ``min_idle_seconds`` of its last request's start or end: the
+  next request of an agent's burst is on its way.
 - Among the models that may go, the lowest priority goes first; among equals, the one whose
-  eviction costs least. The cost is the reload time the pool expects to pay for it::
+  eviction costs least. The cost is the reload time the pool expects to pay per second the
+  model is away::
 
-      cost = load_seconds * (1 - exp(-rate * HORIZON_SECONDS))
+      cost = load_seconds * rate
 
-  ``load_seconds`` is the model's measured load time (a moving average), ``rate`` its recent
-  request rate (requests per second, decayed over ``RATE_TAU_SECONDS``) and the bracket the
-  chance that at least one request for it arrives within the next ``HORIZON_SECONDS`` (Poisson).
-  A slow-to-load model in use keeps its place; a fast or idle one goes. Ties: least recently
-  used, then the model id.
+  ``load_seconds`` is the model's measured load time (a moving average) and ``rate`` its recent
+  request rate (requests per second, decayed over ``RATE_TAU_SECONDS``). A slow-to-load model
+  in use keeps its place; a fast or idle one goes; of two that load equally fast, the one asked
+  for less often goes (GreedyDual-Size-Frequency with every model the same size: a slot is a
+  slot). Ties: least recently used, then the model id.
 """
 
 from __future__ import annotations
@@ -29,8 +33,6 @@ from typing import Final, Protocol, TypeVar
 
 PRIORITIES: Final = ("low", "normal", "medium", "high", "critical")
 RANK: Final = {p: i for i, p in enumerate(PRIORITIES)}
-#: How far ahead a reuse counts against evicting a model (seconds).
-HORIZON_SECONDS: Final = 300.0
 #: Time constant of the request-rate average (seconds).
 RATE_TAU_SECONDS: Final = 300.0
 #: Weight of the newest load time in the moving average.
@@ -60,15 +62,15 @@ def rank(priority: str) -> int:
     return RANK.get(priority, RANK["normal"])
 
 
-def reuse_probability(rate: float, horizon: float = HORIZON_SECONDS) -> float:
-    """The chance of at least one request within ``horizon`` at ``rate`` requests per second."""
-    return 1.0 - math.exp(-max(0.0, rate) * horizon)
-
-
 def cost(m: Candidate) -> float:
-    """The reload time (seconds) expected to be paid if ``m`` is evicted now."""
+    """The reload time (seconds) expected to be paid per second ``m`` is away if evicted now.
+
+    Not the chance of one more request within some horizon (``1 - exp(-rate * horizon)``, the
+    first version): for any model used in the last minutes that is close to 1, so the cost was
+    the load time alone and the most popular model went first if it loaded fastest.
+    """
     load = DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
-    return load * reuse_probability(m.rate)
+    return load * max(0.0, m.rate)
 
 
 def may_evict_for(m: Candidate, priority: str) -> bool:
@@ -85,9 +87,16 @@ def residency(m: Candidate, min_resident_seconds: float, load_multiple: float = 
     return min(min_resident_seconds, load_multiple * load)
 
 
-def resident_until(m: Candidate, min_resident_seconds: float, load_multiple: float = 0.0) -> float:
-    """When ``m`` may first be evicted for another load."""
-    return (m.loaded_at or 0.0) + residency(m, min_resident_seconds, load_multiple)
+def resident_until(
+    m: Candidate,
+    min_resident_seconds: float,
+    load_multiple: float = 0.0,
+    min_idle_seconds: float = 0.0,
+) -> float:
+    """When ``m`` may first be evicted for another load: after its residency, and once it has
+    been idle (no request begun or ended) for ``min_idle_seconds``."""
+    loaded = (m.loaded_at or 0.0) + residency(m, min_resident_seconds, load_multiple)
+    return max(loaded, m.last_used + min_idle_seconds) if min_idle_seconds > 0 else loaded
 
 
 M = TypeVar("M", bound=Candidate)

@@ -46,6 +46,7 @@ class Want:
     now: float | None = None
     min_resident_seconds: float = 0.0
     resident_load_multiple: float = 0.0
+    min_idle_seconds: float = 0.0
     order: str = "cost"
 
 
@@ -112,6 +113,7 @@ def place(
                 now=want.now,
                 min_resident_seconds=want.min_resident_seconds,
                 resident_load_multiple=want.resident_load_multiple,
+                min_idle_seconds=want.min_idle_seconds,
                 order=want.order,
             )
             if plan.ok:

@@ -149,6 +149,7 @@ def plan_capacity(
     now: float | None = None,
     min_resident_seconds: float = 0.0,
     resident_load_multiple: float = 0.0,
+    min_idle_seconds: float = 0.0,
     order: str = "cost",
 ) -> CapacityPlan:
     """Decide whether ``candidate`` (of ``priority``) fits, and which idle models to evict if
@@ -161,7 +162,9 @@ def plan_capacity(
     """
 
     def resident_until(m: ModelView) -> float:
-        return eviction.resident_until(m, min_resident_seconds, resident_load_multiple)
+        return eviction.resident_until(
+            m, min_resident_seconds, resident_load_multiple, min_idle_seconds
+        )
 
     occupying = [m for m in models if m.state in OCCUPYING and m.model_id != candidate]
     unloading = [m for m in occupying if m.state is State.UNLOADING]
