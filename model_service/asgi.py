@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import signal
 import sys
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
@@ -255,9 +254,6 @@ def prepare_worker(worker: Any) -> None:
     - The stop: the worker waits for every open connection before it exits, idle keep-alive
       ones included, each until its keep-alive timeout. Once it is told to stop, connections
       that wait for their next request are closed at once (a gthread worker does the same).
-    - The start of the stop: the worker's main loop sleeps a second between heartbeats and only
-      then sees that it was told to stop, so every stop (each eviction) took over a second.
-      The signal now wakes the loop at once.
     """
     loop = worker.loop
     create_server = loop.create_server
@@ -290,23 +286,3 @@ def prepare_worker(worker: Any) -> None:
                 close()
 
     loop.call_soon(close_idle_once_stopping)
-
-    def waking(handler: Callable[[], None]) -> Callable[[], None]:
-        def handle() -> None:
-            was_alive = worker.alive
-            handler()
-            if was_alive and not worker.alive and getattr(worker, "servers", None):
-                # The serving task sleeps between heartbeats; cancelled there, it goes on to
-                # its graceful shutdown at once (it catches the cancellation).
-                for task in asyncio.all_tasks(loop):
-                    if getattr(task.get_coro(), "__name__", "") == "_serve":
-                        task.cancel()
-
-        return handle
-
-    for signum, handler in (
-        (signal.SIGTERM, worker.handle_exit_signal),
-        (signal.SIGQUIT, worker.handle_quit_signal),
-        (signal.SIGINT, worker.handle_quit_signal),
-    ):
-        loop.add_signal_handler(signum, waking(handler))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.stack import ROOT, Stack, processes_mentioning
+from tests.stack import ROOT, Stack, processes_mentioning, wait_until
 
 
 def models(stack: Stack) -> list[dict[str, Any]]:
@@ -118,5 +118,27 @@ def test_down_drains_and_leaves_no_process(make_stack: Any, standin: Any) -> Non
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", m["port"]))
     # The worker told Ollama to let the model go.
-    unloads = [c for c in standin.calls_to("/api/generate") if c.body.get("keep_alive") == 0]
+    calls = standin.calls_to("/api/generate")
+    unloads = [c for c in calls if (c.body or {}).get("keep_alive") == 0]
     assert any(c.body["model"].startswith("tiny:1b") for c in unloads)
+
+
+def test_a_forced_unload_still_lets_go_of_the_model_in_ollama(
+    make_stack: Any, standin: Any
+) -> None:
+    """A forced stop sends the worker's master a QUIT and then supervisord's TERM: the worker
+    lets go of its model in Ollama all the same (the second signal does not cut it short)."""
+    s: Stack = make_stack([{"model_id": "forced", "upstream_model": "tiny:1b"}])
+    for _ in range(3):
+        s.load("forced")
+        before = len(standin.calls_to("/api/generate"))
+
+        def released(before: int = before) -> bool:
+            return any(
+                (c.body or {}).get("keep_alive") == 0
+                for c in standin.calls_to("/api/generate")[before:]
+            )
+
+        resp = s.post("/models/forced/unload", {"force": True, "wait": True})
+        assert resp.status_code == 200 and resp.json()["state"] == "COLD", resp.text
+        wait_until(released, 5)

@@ -384,8 +384,8 @@
     row.tr = el(
       "tr",
       { dataset: { model: id } },
-      el("td", { class: "model-cell", dataset: { field: "model" } }, row.name, row.meta),
-      el("td", { dataset: { field: "state" } }, row.badge, row.job),
+      el("td", { class: "model-cell", dataset: { field: "model" } }, row.name, row.meta, row.job),
+      el("td", { dataset: { field: "state" } }, row.badge),
       row.endpoint,
       row.ttl,
       row.inFlight,
