@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
-from controlplane.core.eviction import ORDERS
+from controlplane.core.eviction import ORDERS, PRIORITIES
 from controlplane.core.placement import STRATEGIES
 from controlplane.core.schedule import ScheduleError, Window, parse_window
 from controlplane.nodeconfig import LOCAL, NodeConfig, check_labels, check_node_name, parse_nodes
@@ -40,6 +39,7 @@ from controlplane.validate import (
     check_str,
     check_str_list,
     check_url,
+    validate_model_id,
 )
 
 CONFIG_BASENAME: Final = "model_pool_config"
@@ -47,38 +47,12 @@ REGISTRY_BASENAME: Final = "model_pool_registry"
 BACKENDS: Final = ("ollama", "llamacpp", "openai")
 #: Backends that hold the model in the worker's own process: its RSS is the model's memory.
 IN_PROCESS_BACKENDS: Final = frozenset({"llamacpp"})
-MODEL_ID_MAX: Final = 200
 #: Threads of the control plane's Flask app (controlplane/asgi.py): load waiters, the requests
 #: Flask relays and the API share them (streams relayed on the event loop hold none). Load
 #: waiters may take all but ``RESERVED_THREADS``, so the control API always answers.
 CONTROL_THREADS: Final = 1536
 RESERVED_THREADS: Final = 64
 MAX_WAITING_TOTAL: Final = CONTROL_THREADS - RESERVED_THREADS
-MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
-#: A model id may not end in one of these after a '/': /models/<id>/<segment> is a route.
-RESERVED_LAST_SEGMENTS: Final = frozenset({"health", "load", "unload", "extend-ttl", "leases"})
-
-
-def validate_model_id(value: Any, key: str = "model_id") -> str:
-    """A model id: 1-200 characters of letters, digits and ``. _ : / @ + -``."""
-    text = check_str(key, value)
-    if not text:
-        raise ConfigError(f"{key}: must not be empty")
-    if len(text) > MODEL_ID_MAX:
-        raise ConfigError(f"{key}: {len(text)} characters, more than {MODEL_ID_MAX}")
-    if not MODEL_ID_RE.fullmatch(text) or ".." in text.split("/") or "//" in text:
-        raise ConfigError(
-            f"{key}: {text!r} may hold only letters, digits and . _ : / @ + - "
-            "(starting with a letter or digit)"
-        )
-    if text == "register":
-        raise ConfigError(f"{key}: 'register' is reserved by the API (POST /models/register)")
-    if "/" in text and text.rsplit("/", 1)[1] in RESERVED_LAST_SEGMENTS:
-        raise ConfigError(
-            f"{key}: {text!r} ends in /{text.rsplit('/', 1)[1]}, which the API reserves "
-            "(/models/{id}/health, /load, ...)"
-        )
-    return text
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -363,9 +337,6 @@ class ModelEntry:
         data["options"] = dict(self.options)
         data["schedule"] = [dict(w) for w in self.schedule]
         return {k: v for k, v in data.items() if v not in (None, "", [], {}) or k == "model_id"}
-
-
-PRIORITIES: Final = ("low", "normal", "medium", "high", "critical")
 
 
 def _finite(key: str, value: Any) -> None:

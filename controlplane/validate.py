@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 HOST_RE: Final = re.compile(r"^[A-Za-z0-9.:-]+$")
+MODEL_ID_MAX: Final = 200
+MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+#: A model id may not end in one of these after a '/': /models/<id>/<segment> is a route.
+RESERVED_LAST_SEGMENTS: Final = frozenset({"health", "load", "unload", "extend-ttl", "leases"})
 
 
 class ConfigError(ValueError):
@@ -141,3 +145,25 @@ def check_choice(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:
 
 def check_int(minimum: int) -> Callable[[str, Any], Any]:
     return lambda k, v: check_number(k, v, minimum=minimum, integer=True)
+
+
+def validate_model_id(value: Any, key: str = "model_id") -> str:
+    """A model id: 1-200 characters of letters, digits and ``. _ : / @ + -``."""
+    text = check_str(key, value)
+    if not text:
+        raise ConfigError(f"{key}: must not be empty")
+    if len(text) > MODEL_ID_MAX:
+        raise ConfigError(f"{key}: {len(text)} characters, more than {MODEL_ID_MAX}")
+    if not MODEL_ID_RE.fullmatch(text) or ".." in text.split("/") or "//" in text:
+        raise ConfigError(
+            f"{key}: {text!r} may hold only letters, digits and . _ : / @ + - "
+            "(starting with a letter or digit)"
+        )
+    if text == "register":
+        raise ConfigError(f"{key}: 'register' is reserved by the API (POST /models/register)")
+    if "/" in text and text.rsplit("/", 1)[1] in RESERVED_LAST_SEGMENTS:
+        raise ConfigError(
+            f"{key}: {text!r} ends in /{text.rsplit('/', 1)[1]}, which the API reserves "
+            "(/models/{id}/health, /load, ...)"
+        )
+    return text

@@ -249,7 +249,7 @@ def test_settings_bounds_are_the_documents() -> None:
 
 def test_model_ids_are_read_as_the_document_reads_them() -> None:
     """A model id is valid for the server exactly when the document's pattern says so."""
-    from controlplane.settings import validate_model_id
+    from controlplane.validate import validate_model_id
 
     schema = documented_schema("ModelEntryFields/model_id")
     samples = ["load", "m/load", "m/loads", "a/health", "health/x", "a/extend-ttl", "a/unload",

@@ -14,8 +14,8 @@ from controlplane.settings import (
     parse_entry,
     parse_registry,
     parse_settings,
-    validate_model_id,
 )
+from controlplane.validate import validate_model_id
 
 
 def test_every_setting_is_declared_once() -> None:
