@@ -30,6 +30,7 @@ from typing import Any
 import requests
 import yaml
 
+from bench.trace_bounds import lru_loads, optimal_loads, visits
 from tests.ollama_standin import OllamaStandin
 from tests.stack import Stack
 
@@ -238,6 +239,12 @@ def main() -> None:
         f"trace: seed {args.seed}, {args.agents} agents, {len(names)} models (Zipf 1.1), "
         f"room for {args.capacity}, {len(trace)} requests over {args.duration:g} s, "
         f"load {args.seconds_per_gb:g} s per GB"
+    )
+    seen = visits(trace)
+    paper_lru, paper_best = lru_loads(seen, args.capacity), optimal_loads(seen, args.capacity)
+    print(
+        f"on paper, {len(seen)} visits one at a time: LRU {paper_lru} loads, the clairvoyant "
+        f"optimum {paper_best} ({1 - paper_best / max(1, paper_lru):.1%} fewer)"
     )
     results: dict[str, Outcome] = {}
     for key, _, value in (s.partition("=") for s in args.set):

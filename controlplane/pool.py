@@ -244,11 +244,13 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
         self._changed.notify_all()
         return new
 
-    def _count(self, rec: Record, n: int = 1) -> None:
-        """``n`` requests for ``rec`` now (lock held): its request rate, for eviction's cost."""
+    def _count(self, rec: Record) -> None:
+        """A request for ``rec`` begins now (lock held): its visit rate, for eviction's cost."""
         now = self.clock()
-        rec.rate = eviction.count_request(rec.rate, rec.rate_at, now, n)
-        rec.rate_at = now
+        if eviction.new_visit(rec.asked_at, now):
+            rec.rate = eviction.count_request(rec.rate, rec.rate_at, now)
+            rec.rate_at = now
+        rec.asked_at = now
 
     def _chore(self, rec: Record, event: ChoreEvent) -> None:
         """Apply ``event`` to ``rec``'s chore (lock held): the second table, ``core.chores``.

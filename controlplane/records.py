@@ -58,9 +58,11 @@ class Record:
     last_used: float = 0.0
     #: Its load time, a moving average over its loads (``core.eviction``).
     load_seconds: float | None = None
-    #: Its recent request rate (requests per second, decayed; as of ``rate_at``).
+    #: Its recent visit rate (visits per second, decayed; as of ``rate_at``; ``core.eviction``).
     rate: float = 0.0
     rate_at: float = 0.0
+    #: When its last request began (the front door's count).
+    asked_at: float = 0.0
     #: Requests counted by the pool itself (front door), in flight now.
     in_flight: int = 0
     #: What the worker last said it has in flight (requests sent straight to its port).

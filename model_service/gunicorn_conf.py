@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 from model_service.asgi import prepare_worker
@@ -40,11 +39,8 @@ def worker_exit(server: Any, worker: Any) -> None:
     app = getattr(worker, "asgi", None) or getattr(worker, "wsgi", None)
     state = getattr(app, "extensions", {}).get("modelpool_worker") if app is not None else None
     if state is not None:
-        # The master may pass on a second signal (a TERM after the QUIT of a forced stop) while
-        # the worker lets go of its model; the loop's handlers are gone by now, so it would
-        # kill the worker in the middle of the unload and Ollama would keep the model.
-        for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)
+        # Stop signals are ignored by now (model_service.asgi.prepare_worker): a forced stop's
+        # second signal cannot cut this unload short.
         try:
             state.backend.unload()
         except Exception as exc:  # best effort: the process is going away anyway

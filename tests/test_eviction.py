@@ -295,6 +295,42 @@ def test_the_pool_evicts_the_model_that_is_cheapest_to_reload() -> None:
     assert jobs.stops == ["fast"]  # 1 s to load again, against 40 s
 
 
+@pytest.mark.parametrize(
+    ("since_last", "visit"),
+    [
+        (0.2, False),  # the next request of a burst
+        (eviction.VISIT_GAP_SECONDS - 0.01, False),
+        (eviction.VISIT_GAP_SECONDS, True),
+        (60.0, True),  # an agent coming back
+    ],
+)
+def test_a_visit_begins_after_a_gap(since_last: float, visit: bool) -> None:
+    assert eviction.new_visit(100.0, 100.0 + since_last) is visit
+
+
+def test_a_burst_counts_once_and_agents_coming_back_count_each_time() -> None:
+    pool, jobs, now = pool_of(
+        [ModelEntry("burst"), ModelEntry("returning"), ModelEntry("new")],
+        max_concurrent_models=2,
+        min_resident_seconds=0,
+    )
+    hot(pool, jobs, "burst", now, load_for=5)
+    hot(pool, jobs, "returning", now, load_for=5)
+    for _ in range(3):  # one agent comes back three times
+        with pool.acquire("returning"):
+            pass
+        now[0] += 5
+    for _ in range(10):  # another asks ten things in a row, later
+        with pool.acquire("burst"):
+            pass
+        now[0] += 0.2
+    now[0] += 5
+    with pytest.raises(LoadTimeout):
+        pool.ensure_loaded("new", timeout=0.1)
+    # More requests, but one visit against three: the burst would cost one reload.
+    assert jobs.stops == ["burst"]
+
+
 def test_a_high_priority_model_is_not_evicted_for_a_low_one() -> None:
     pool, jobs, now = pool_of(
         [ModelEntry("boss", priority="high"), ModelEntry("intern", priority="low")],
