@@ -226,10 +226,12 @@ class Workers(Lifecycle):
         """Poll the worker until ready; None when ready (or superseded), else the error.
 
         Raises _Abandoned when the control plane shuts down: the worker keeps running and the
-        next control plane adopts it.
+        next control plane adopts it. The load timeout counts from the last progress the worker
+        reported: a long pull that keeps moving is not cut off, one that stalls is.
         """
         timeout = self.pool.settings.load_timeout_seconds
         limit = time.monotonic() + timeout
+        progress = -1.0
         next_check = time.monotonic() + PROCESS_CHECK_SECONDS
         host = node.address(self.pool.settings)
         while True:
@@ -250,6 +252,9 @@ class Workers(Lifecycle):
                 return None
             if health is not None and health.status == "loading":
                 self.pool.load_progress(model_id, gen, health.progress)
+                if health.progress is not None and health.progress > progress:
+                    progress = health.progress
+                    limit = time.monotonic() + timeout
             if health is not None and health.status == "error":
                 error = health.error or "unknown error"
                 return _Failure(
@@ -265,7 +270,11 @@ class Workers(Lifecycle):
                 if BIND_FAILED in node.log_since_start(program, 400):
                     return _Failure(f"port {port} is held by another process", "port_in_use")
             if time.monotonic() >= limit:
-                return _Failure(f"not ready within load_timeout_seconds ({timeout:g} s)", "timeout")
+                return _Failure(
+                    f"not ready within load_timeout_seconds ({timeout:g} s)"
+                    + (f" of its last progress ({progress:.0%})" if progress >= 0 else ""),
+                    "timeout",
+                )
             self.stopping.wait(POLL_SECONDS)
 
     def _exited(self, node: WorkerNode, program: str) -> str | None:

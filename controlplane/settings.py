@@ -319,6 +319,8 @@ class ModelEntry:
     port: int | None = None
     memory_mb: float | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Pull the model into Ollama on its first load if Ollama does not have it.
+    pull: bool = False
     #: Warmup windows, e.g. ``[{"days": "mon-fri", "start": "08:00", "end": "18:00"}]``.
     schedule: tuple[Mapping[str, Any], ...] = ()
     #: Nodes the model may be loaded on (empty: any).
@@ -372,8 +374,9 @@ def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
     for name in ("display_name", "model_type", "model_path", "upstream_model"):
         if raw.get(name) is not None:
             values[name] = check_str(k(name), raw[name])
-    if raw.get("warmup") is not None:
-        values["warmup"] = check_bool(k("warmup"), raw["warmup"])
+    for name in ("warmup", "pull"):
+        if raw.get(name) is not None:
+            values[name] = check_bool(k(name), raw[name])
     if raw.get("ttl_minutes") is not None:
         values["ttl_minutes"] = check_number(k("ttl_minutes"), raw["ttl_minutes"], minimum=0)
     if raw.get("priority") is not None:

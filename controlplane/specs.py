@@ -28,6 +28,7 @@ def build_spec(entry: ModelEntry, settings: Settings, port: int, api_key_file: s
         model_path=resolve_model_path(entry.model_path),
         memory_mb=entry.memory_mb,
         options=options,
+        pull=entry.pull,
         load_timeout_seconds=settings.load_timeout_seconds,
         api_key_file=api_key_file,
     )

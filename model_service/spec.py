@@ -41,6 +41,8 @@ class WorkerSpec:
     memory_mb: float | None = None
     #: Backend options (e.g. ``num_ctx`` for Ollama, ``n_ctx``/``n_threads`` for llama.cpp).
     options: dict[str, Any] = field(default_factory=dict)
+    #: Pull the model into Ollama when it does not have it (ollama backend).
+    pull: bool = False
     #: Seconds the backend may take to load the model.
     load_timeout_seconds: float = 300.0
     #: Largest request body accepted, in bytes.

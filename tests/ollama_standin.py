@@ -300,6 +300,8 @@ class OllamaStandin:
         default_keep_alive: float = DEFAULT_KEEP_ALIVE,
         verbose: bool = False,
         seconds_per_gb: float = 0.0,
+        library: dict[str, int] | None = None,
+        pull_seconds: float = 1.0,
     ) -> None:
         self.host = host
         self.models: dict[str, int] = {
@@ -308,6 +310,10 @@ class OllamaStandin:
         self.load_delay = load_delay
         #: More load time per GiB of the model's size (a big model takes longer, as in Ollama).
         self.seconds_per_gb = seconds_per_gb
+        #: Models ``/api/pull`` can fetch (name: size), as the Ollama library has them.
+        self.library: dict[str, int] = {_full_name(k): v for k, v in (library or {}).items()}
+        #: How long a pull takes (its progress lines come over that time).
+        self.pull_seconds = pull_seconds
         self.token_delay = token_delay
         self.reply = reply
         self.default_keep_alive = default_keep_alive
@@ -332,6 +338,7 @@ class OllamaStandin:
             ("POST", "/api/generate"): lambda h, b: self._native(h, b, chat=False),
             ("POST", "/api/chat"): lambda h, b: self._native(h, b, chat=True),
             ("POST", "/api/embed"): self._embed,
+            ("POST", "/api/pull"): self._pull,
             ("POST", "/v1/embeddings"): self._v1_embeddings,
             ("GET", "/v1/models"): self._v1_models,
             ("POST", "/v1/chat/completions"): lambda h, b: self._openai(h, b, chat=True),
@@ -519,6 +526,30 @@ class OllamaStandin:
             h.send_json(exc.status, payload)
         except OSError:
             h.close_connection = True  # the client went away, or stop() cut the connection
+
+    def _pull(self, h: _Handler, body: dict[str, Any]) -> None:
+        """Fetch a model of the library: streamed status lines, as Ollama sends them (one layer,
+        its bytes coming in ten steps over ``pull_seconds``), then the model is there."""
+        name = _full_name(str(body.get("model") or body.get("name") or ""))
+        h.start_chunked("application/x-ndjson")
+        h.write_chunk(_ndjson({"status": "pulling manifest"}))
+        size = self.library.get(name)
+        if size is None and name not in self.models:
+            h.write_chunk(_ndjson({"error": "pull model manifest: file does not exist"}))
+            h.end_chunked()
+            return
+        if size is not None:
+            digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+            for step in range(11):
+                if step and self._stopping.wait(self.pull_seconds / 10):
+                    break
+                line = {"status": f"pulling {digest[7:19]}", "digest": digest, "total": size}
+                h.write_chunk(_ndjson({**line, "completed": size * step // 10}))
+            with self._lock:
+                self.models[name] = size
+        for status in ("verifying sha256 digest", "writing manifest", "success"):
+            h.write_chunk(_ndjson({"status": status}))
+        h.end_chunked()
 
     def _root(self, h: _Handler, body: dict[str, Any]) -> None:
         h.send_bytes(200, b"Ollama is running", "text/plain; charset=utf-8")

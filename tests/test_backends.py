@@ -114,6 +114,41 @@ def test_load_of_a_model_ollama_lacks_names_model_url_and_fix(standin: OllamaSta
     assert "ollama pull missing:3b" in error.message
 
 
+def test_a_model_ollama_lacks_is_pulled_when_the_entry_says_pull() -> None:
+    with OllamaStandin(models={}, library={"new:7b": 7 * 2**30}, pull_seconds=1.0) as server:
+        backend = OllamaBackend(ollama_spec(server, upstream_model="new:7b", pull=True))
+        assert backend.load_progress() is None  # nothing pulled yet
+        seen: list[float] = []
+        loading = threading.Thread(target=backend.load)
+        loading.start()
+        while loading.is_alive():
+            progress = backend.load_progress()
+            if progress is not None:
+                seen.append(progress)
+            time.sleep(0.02)
+        loading.join()
+        assert "new:7b" in server.models  # pulled, then loaded and pinned
+        assert server.loaded == {"new:7b": None}
+        (pull,) = server.calls_to("/api/pull")
+        assert pull.body == {"model": "new:7b", "stream": True}
+        assert any(0 < p < 1 for p in seen), seen  # progress moved through the download
+        assert seen == sorted(seen) and backend.load_progress() == 1.0
+
+
+def test_without_pull_or_outside_the_library_a_missing_model_is_a_permanent_failure() -> None:
+    with OllamaStandin(models={}, library={"new:7b": 2**30}, pull_seconds=0.1) as server:
+        with pytest.raises(BackendError) as caught:
+            OllamaBackend(ollama_spec(server, upstream_model="new:7b")).load()
+        assert caught.value.code == "model_not_found" and caught.value.permanent
+        assert server.calls_to("/api/pull") == []  # no pull unless asked for
+        backend = OllamaBackend(ollama_spec(server, upstream_model="nowhere:1b", pull=True))
+        with pytest.raises(BackendError) as caught:
+            backend.load()
+        assert caught.value.code == "pull_failed" and caught.value.permanent
+        assert "file does not exist" in caught.value.message  # Ollama's own words
+        assert "'nowhere:1b'" in caught.value.message
+
+
 def test_load_when_ollama_is_down_is_unavailable() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     backend = OllamaBackend(WorkerSpec(model_id=MODEL, port=8051, ollama_base_url=url))

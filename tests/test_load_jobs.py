@@ -25,14 +25,20 @@ MODELS = [
     {"model_id": "slow", "upstream_model": "slow:70b", "ttl_minutes": 30},
     {"model_id": "tiny", "upstream_model": "tiny:1b", "ttl_minutes": 30},
     {"model_id": "other", "upstream_model": "tiny:1b", "ttl_minutes": 30},
+    # Not in the stand-in until pulled from its library (PULL_SECONDS).
+    {"model_id": "fresh", "upstream_model": "fresh:7b", "ttl_minutes": 30, "pull": True},
 ]
+PULL_SECONDS = 4.0
 
 
 @pytest.fixture(scope="module")
 def standin() -> Iterator[OllamaStandin]:
     """Overrides conftest's: slow:70b takes LOAD_SECONDS to load, tiny:1b a moment."""
     server = OllamaStandin(
-        models={"slow:70b": 40 * GB, "tiny:1b": GB // 10}, seconds_per_gb=LOAD_SECONDS / 40
+        models={"slow:70b": 40 * GB, "tiny:1b": GB // 10},
+        seconds_per_gb=LOAD_SECONDS / 40,
+        library={"fresh:7b": 4 * GB, "long:7b": GB},
+        pull_seconds=PULL_SECONDS,
     )
     server.start()
     yield server
@@ -162,6 +168,41 @@ def test_modelpool_load_shows_the_phases_and_jobs_lists_them(stack: Stack) -> No
     jobs = stack.cli("jobs", check=True).stdout
     assert re.search(r"job-\w+\s+slow\s+ready\s+100%", jobs), jobs
     assert re.search(r"job-\w+\s+slow\s+cancelled", jobs), jobs
+
+
+def test_a_load_that_pulls_the_model_reports_the_download_as_progress(
+    stack: Stack, standin: OllamaStandin
+) -> None:
+    unload_all(stack)
+    assert "fresh:7b" not in standin.models
+    proc = stack.cli("load", "fresh", "--timeout", "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = [int(p) for p in re.findall(r"WARMING loading_weights (\d+)%", proc.stdout)]
+    assert any(0 < p < 100 for p in shown), proc.stdout  # the download, as it came in
+    assert shown == sorted(shown), proc.stdout
+    assert "fresh is HOT" in proc.stdout.splitlines()[-1]
+    assert "fresh:7b" in standin.models and standin_has(standin, "fresh:7b")
+    (pull,) = standin.calls_to("/api/pull")
+    assert pull.body == {"model": "fresh:7b", "stream": True}
+    job = stack.model("fresh")["job"]
+    assert (job["phase"], job["progress"]) == ("ready", 1.0)
+
+
+def test_a_pull_longer_than_the_load_timeout_goes_on_while_it_makes_progress(
+    standin: OllamaStandin,
+) -> None:
+    entry = {"model_id": "long", "upstream_model": "long:7b", "pull": True}
+    stack = Stack([entry], {"load_timeout_seconds": 2}, ollama_url=standin.url).up()
+    try:
+        # The pull takes twice the load timeout; its progress keeps the load alive.
+        resp = stack.post("/models/long/load", {"wait": True, "timeout": PULL_SECONDS + 10})
+        assert resp.status_code == 200, resp.text
+        assert stack.state("long") == "HOT"
+        assert "long:7b" in standin.models
+    finally:
+        leaked = stack.down()
+        stack.cleanup()
+    assert not leaked
 
 
 def test_the_page_shows_a_live_load_with_a_cancel_button(

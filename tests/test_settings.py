@@ -124,6 +124,9 @@ def test_entry_validation_names_the_key() -> None:
         parse_entry({"model_id": "m", "ttl_minutes": -1})
     with pytest.raises(ConfigError, match=r"model\.options\.temperature: nan is not a finite"):
         parse_entry({"model_id": "m", "options": {"temperature": float("nan")}})
+    with pytest.raises(ConfigError, match=r"model\.pull: 'yes' is not"):
+        parse_entry({"model_id": "m", "pull": "yes"})
+    assert parse_entry({"model_id": "m", "pull": True}).pull is True
 
 
 def test_registry_cross_checks() -> None:

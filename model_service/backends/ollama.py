@@ -128,10 +128,23 @@ class OllamaBackend:
         self._options: dict[str, Any] = dict(spec.options)
         self._session = session or _new_session()
         self._read_timeout = max(READ_TIMEOUT, spec.load_timeout_seconds)
+        #: How far a pull is (0..1), None when the load pulled nothing.
+        self._progress: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def load(self) -> None:
+        """Load the model in Ollama and pin it there; a model Ollama does not have is pulled
+        first when the entry says ``pull`` (``load_progress`` follows the download)."""
+        try:
+            self._load()
+        except BackendError as exc:
+            if exc.code != "model_not_found" or not self.spec.pull:
+                raise
+            self._pull()
+            self._load()
+
+    def _load(self) -> None:
         payload = {
             "model": self.model,
             "keep_alive": KEEP_FOREVER,
@@ -156,6 +169,58 @@ class OllamaBackend:
             if response.status_code != 200:
                 raise self._http_error(response, "load")
 
+    def _pull(self) -> None:
+        """``ollama pull``, streamed: the share of the layers' bytes downloaded so far is the
+        load's progress (1 once pulled; the load that follows reports none)."""
+        log.info("pulling %s into Ollama at %s", self.model, self.base_url)
+        self._progress = 0.0
+        try:
+            response = self._session.post(
+                self.base_url + "/api/pull",
+                json={"model": self.model, "stream": True},
+                stream=True,
+                timeout=(CONNECT_TIMEOUT, self._read_timeout),
+            )
+        except requests.ConnectionError as exc:
+            raise self._unreachable(exc) from exc
+        with response:
+            if response.status_code != 200:
+                raise self._http_error(response, "pull")
+            try:
+                self._follow_pull(response.iter_lines())
+            except requests.RequestException as exc:
+                raise BackendError(
+                    f"the pull of {self.model!r} from Ollama at {self.base_url} broke off: "
+                    f"{_short_reason(exc)}"
+                ) from exc
+
+    def _follow_pull(self, lines: Iterator[bytes]) -> None:
+        layers: dict[str, tuple[int, int]] = {}  # digest: (completed, total)
+        for line in lines:
+            status = json.loads(line) if line else {}
+            if not isinstance(status, dict):
+                continue
+            if "error" in status:
+                # Not in the library: permanent. Anything else (the network) may pass.
+                missing = "does not exist" in str(status["error"])
+                raise BackendError(
+                    f"Ollama at {self.base_url} could not pull model {self.model!r}: "
+                    f"{status['error']}",
+                    status=404 if missing else 502,
+                    type="invalid_request_error" if missing else "backend_error",
+                    code="pull_failed",
+                )
+            total, done = status.get("total"), status.get("completed")
+            if isinstance(total, int) and total > 0 and isinstance(status.get("digest"), str):
+                layers[status["digest"]] = (done if isinstance(done, int) else 0, total)
+                self._progress = sum(c for c, _ in layers.values()) / sum(
+                    t for _, t in layers.values()
+                )
+            if status.get("status") == "success":
+                self._progress = 1.0
+                return
+        raise BackendError(f"Ollama at {self.base_url} ended the pull of {self.model!r} early")
+
     def unload(self) -> None:
         payload = {"model": self.model, "keep_alive": 0}
         try:
@@ -167,7 +232,8 @@ class OllamaBackend:
             log.warning("unloading %s from Ollama at %s failed: %s", self.model, self.base_url, exc)
 
     def load_progress(self) -> float | None:
-        return None  # the backend does not say how far a load is
+        # Ollama says how far a pull is, not how far a load is.
+        return self._progress
 
     def memory_mb(self) -> float | None:
         try:
