@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument(
         "--repeats",
         type=int,
-        default=2,
+        default=3,
         help="replay the trace this many times per policy, taking turns (results pooled)",
     )
     args = ap.parse_args()
