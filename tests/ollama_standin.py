@@ -302,6 +302,7 @@ class OllamaStandin:
         seconds_per_gb: float = 0.0,
         library: dict[str, int] | None = None,
         pull_seconds: float = 1.0,
+        num_parallel: int = 0,
     ) -> None:
         self.host = host
         self.models: dict[str, int] = {
@@ -314,6 +315,13 @@ class OllamaStandin:
         self.library: dict[str, int] = {_full_name(k): v for k, v in (library or {}).items()}
         #: How long a pull takes (its progress lines come over that time).
         self.pull_seconds = pull_seconds
+        #: Requests a model works on at once (Ollama's ``OLLAMA_NUM_PARALLEL``); the rest wait
+        #: in line. 0: no limit.
+        self.num_parallel = num_parallel
+        #: The most requests each model worked on at once.
+        self.peak_running: dict[str, int] = {}
+        self._running: dict[str, int] = {}
+        self._slots: dict[str, threading.Semaphore] = {}
         self.token_delay = token_delay
         self.reply = reply
         self.default_keep_alive = default_keep_alive
@@ -429,9 +437,31 @@ class OllamaStandin:
                 del self._loaded[name]
 
     def _acquire(self, name: str, options: dict[str, Any]) -> tuple[_Loaded, int]:
-        """Hold the model for one request, loading it first if needed; returns the load ns."""
+        """Hold the model for one request, loading it first if needed; returns the load ns.
+        With ``num_parallel``, a request first waits for one of the model's slots."""
         if name not in self.models:
             raise _HTTPError(404, f"model '{name}' not found")
+        if self.num_parallel > 0:
+            with self._lock:
+                slots = self._slots.setdefault(name, threading.Semaphore(self.num_parallel))
+            slots.acquire()
+        with self._lock:
+            self._running[name] = self._running.get(name, 0) + 1
+            self.peak_running[name] = max(self.peak_running.get(name, 0), self._running[name])
+        try:
+            return self._hold(name, options)
+        except BaseException:
+            self._leave(name)
+            raise
+
+    def _leave(self, name: str) -> None:
+        with self._lock:
+            self._running[name] -= 1
+            slots = self._slots.get(name)
+        if slots is not None:
+            slots.release()
+
+    def _hold(self, name: str, options: dict[str, Any]) -> tuple[_Loaded, int]:
         runner = {k: options[k] for k in RUNNER_OPTIONS if k in options}
         with self._lock:
             model_lock = self._model_locks.setdefault(name, threading.Lock())
@@ -458,6 +488,7 @@ class OllamaStandin:
             return entry, int((time.monotonic() - started) * 1e9)
 
     def _release(self, name: str, entry: _Loaded, keep_alive: float | None) -> None:
+        self._leave(name)
         seconds = self.default_keep_alive if keep_alive is None else keep_alive
         with self._lock:
             entry.refs -= 1

@@ -350,3 +350,35 @@ def test_runs_standalone_and_stops_on_signal(signum: int) -> None:
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_num_parallel_works_on_that_many_requests_at_once_and_queues_the_rest() -> None:
+    """As Ollama with OLLAMA_NUM_PARALLEL: one server is a real bottleneck for a busy model."""
+    with OllamaStandin(token_delay=0.05, num_parallel=2) as server:
+        body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 4}}
+        answers: list[int] = []
+        started = time.monotonic()
+        threads = [
+            threading.Thread(
+                target=lambda: answers.append(post(server, "/api/generate", body).status_code)
+            )
+            for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        took = time.monotonic() - started
+        assert answers == [200] * 6
+        assert server.peak_running[MODEL] == 2
+        # 6 answers of 4 tokens at 0.05 s, 2 at a time: three rounds of 0.2 s at least.
+        assert took >= 0.6, took
+    with OllamaStandin(token_delay=0.05) as server:  # no limit: more than two at once
+        threads = [
+            threading.Thread(target=lambda: post(server, "/api/generate", body)) for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert server.peak_running[MODEL] > 2

@@ -51,6 +51,17 @@ A, B, C = node("a"), node("b"), node("c", 8000)
         ([node("a", 2000), B], {"b": [model("x", 3500)]}, Want("m", 1000), "spread", "a"),
         # no limit (0) counts as the most free memory
         ([A, node("u", 0)], {}, Want("m", 1000), "spread", "u"),
+        # a node that holds a replica of the model already comes last, free memory or not
+        ([A, B, C], {}, Want("m", 1000, replica_nodes=frozenset({"c"})), "spread", "a"),
+        ([A, B, C], {}, Want("m", 1000, replica_nodes=frozenset({"a", "c"})), "pack", "b"),
+        # ... but takes it when no other node can
+        (
+            [A, node("c", 8000, up=False)],
+            {},
+            Want("m", 1, replica_nodes=frozenset({"a"})),
+            "spread",
+            "a",
+        ),
         # slots count too
         (
             [node("a", max_models=1), B],

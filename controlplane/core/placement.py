@@ -3,9 +3,10 @@
 Placement first filters the nodes that may take the model at all (UP, a free port, the entry's
 ``nodes`` pin and ``labels``), then asks ``policy.plan_capacity`` of each: a node where the model
 fits now wins over one where it fits once idle models are evicted. Among equals the score
-decides: ``spread`` (the default) takes the node with the most free memory, ``pack`` the one with
-the least that still fits, so that whole nodes stay free; ties go to the fewest models, then to
-the node listed first.
+decides: a node that holds no replica of the model yet comes first (replicas of one model go
+to different nodes, each with its own Ollama or GPU); then ``spread`` (the default) takes the
+node with the most free memory, ``pack`` the one with the least that still fits, so that whole
+nodes stay free; ties go to the fewest models, then to the node listed first.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Want:
     resident_load_multiple: float = 0.0
     min_idle_seconds: float = 0.0
     order: str = "cost"
+    #: Nodes that already hold a replica of the model (placed last).
+    replica_nodes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -129,14 +132,14 @@ def place(
         why.append(f"{node.name}: {reason}")
     order = {n.name: i for i, n in enumerate(nodes)}
 
-    def score(item: tuple[NodeView, CapacityPlan]) -> tuple[float, int, int]:
+    def score(item: tuple[NodeView, CapacityPlan]) -> tuple[bool, float, int, int]:
         node = item[0]
         here = models.get(node.name, ())
         free = _free_mb(node, here)
         count = sum(1 for m in here if m.state in OCCUPYING)
         # spread: most free memory first; pack: least free memory first (it still fits).
         key = -free if strategy == "spread" else free
-        return (key, count, order[node.name])
+        return (node.name in want.replica_nodes, key, count, order[node.name])
 
     for group in (ready, evicting):
         if group:
