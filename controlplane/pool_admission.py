@@ -199,6 +199,9 @@ class Admission:
                                 # bounded by the load timeout, not the room wait).
                                 ticket = Ticket(math.inf, self._eligible_nodes(rec))
                                 self._room_queue.append(ticket)
+                    if timeout is None and rec.state is State.WARMING and rec.progressed_at:
+                        # A load that keeps making progress (a long pull) is not timed out.
+                        give_up = max(give_up, rec.progressed_at + limit)
                     remaining = give_up - time.monotonic()
                     if remaining <= 0:
                         raise LoadTimeout(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 
 from controlplane.core import jobs
 from controlplane.core.chores import Chore
@@ -120,7 +121,10 @@ class Jobs:
             if rec is None or rec.gen != gen or rec.state is not State.WARMING:
                 return
             if rec.job is not None and rec.job.gen == gen:
+                before = rec.job.progress
                 jobs.advance(rec.job, Phase.LOADING_WEIGHTS, progress)
+                if rec.job.progress is not None and (before is None or rec.job.progress > before):
+                    rec.progressed_at = time.monotonic()
 
     def jobs(self: PoolParts) -> list[dict[str, object]]:
         """Every live job and the last finished ones, newest first (``GET /jobs``)."""

@@ -58,11 +58,13 @@ class Record:
     last_used: float = 0.0
     #: Its load time, a moving average over its loads (``core.eviction``).
     load_seconds: float | None = None
-    #: Its recent visit rate (visits per second, decayed; as of ``rate_at``; ``core.eviction``).
+    #: Its recent visit rate (visits per second, decayed; as of ``rate_at``, the last visit
+    #: counted, None before the first; ``core.eviction``).
     rate: float = 0.0
-    rate_at: float = 0.0
-    #: When its last request began (the front door's count).
-    asked_at: float = 0.0
+    rate_at: float | None = None
+    #: When its load last reported more progress (monotonic): callers waiting with the default
+    #: load timeout wait that long from here, as the lifecycle does.
+    progressed_at: float | None = None
     #: Requests counted by the pool itself (front door), in flight now.
     in_flight: int = 0
     #: What the worker last said it has in flight (requests sent straight to its port).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import signal
 import sys
 import weakref
@@ -297,7 +298,9 @@ def prepare_worker(worker: Any) -> None:
 
     def waking(handler: Callable[[], None]) -> Callable[[], None]:
         def handle() -> None:
-            was_alive = worker.alive
+            # Only a worker in its heartbeat loop is woken: one that left it because its
+            # parent changed is in its shutdown already (alive still true).
+            was_alive = worker.alive and worker.ppid == os.getppid()
             handler()
             if was_alive and not worker.alive and getattr(worker, "servers", None):
                 # The serving task sleeps between heartbeats; cancelled there, it goes on to
@@ -314,8 +317,10 @@ def prepare_worker(worker: Any) -> None:
     cleanup = worker._cleanup
 
     def cleanup_ignoring_stop_signals() -> None:
-        for signum, _ in _stop_signals(worker):
-            # Removed from the loop first: closing it would set the default action again.
+        # SIGUSR1 (the master's "reopen your logs") too: its default action ends the process.
+        for signum in [s for s, _ in _stop_signals(worker)] + [signal.SIGUSR1]:
+            # Out of the loop's hands (closing the loop would set the default action again);
+            # removing sets the default for the moment between these two calls.
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)
         cleanup()

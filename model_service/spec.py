@@ -80,7 +80,15 @@ class WorkerSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec's fields; ``pull`` only when set, so that a node still running a worker
+        that predates it (and rejects keys it does not know) can start the others."""
+        data = asdict(self)
+        if not data["pull"]:
+            del data["pull"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerSpec:
@@ -92,7 +100,7 @@ class WorkerSpec:
 
     def encode(self) -> str:
         """The spec as one environment value: base64 (no ``%``, quote or comma to escape)."""
-        return base64.b64encode(json.dumps(asdict(self), sort_keys=True).encode()).decode()
+        return base64.b64encode(json.dumps(self.to_dict(), sort_keys=True).encode()).decode()
 
     @classmethod
     def decode(cls, data: str) -> WorkerSpec:

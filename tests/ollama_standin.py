@@ -573,7 +573,8 @@ class OllamaStandin:
             digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
             for step in range(11):
                 if step and self._stopping.wait(self.pull_seconds / 10):
-                    break
+                    h.end_chunked()  # cut off: nothing was pulled
+                    return
                 line = {"status": f"pulling {digest[7:19]}", "digest": digest, "total": size}
                 h.write_chunk(_ndjson({**line, "completed": size * step // 10}))
             with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import sys
@@ -574,3 +575,68 @@ def test_make_backend_rejects_an_unknown_backend() -> None:
         make_backend(WorkerSpec(model_id="m", port=8051, backend="vllm"))
     assert "'vllm'" in caught.value.message
     assert "ollama, llamacpp, openai" in caught.value.message
+
+
+def test_a_spec_names_pull_only_when_set() -> None:
+    """A worker that predates ``pull`` rejects keys it does not know: a spec without a pull
+    must still start on a node that has not been upgraded."""
+    plain = WorkerSpec(model_id="m", port=8051)
+    assert "pull" not in json.loads(plain.to_json())
+    assert "pull" not in json.loads(base64.b64decode(plain.encode()))
+    assert WorkerSpec.decode(plain.encode()) == plain
+    pulling = WorkerSpec(model_id="m", port=8051, pull=True)
+    assert json.loads(pulling.to_json())["pull"] is True
+    assert WorkerSpec.decode(pulling.encode()) == pulling
+
+
+def test_a_pull_cut_off_midway_fails_the_load_and_says_so() -> None:
+    errors: list[BackendError] = []
+
+    def load() -> None:
+        try:
+            backend.load()
+        except BackendError as exc:
+            errors.append(exc)
+
+    with OllamaStandin(models={}, library={"new:7b": 2**30}, pull_seconds=5.0) as server:
+        backend = OllamaBackend(ollama_spec(server, upstream_model="new:7b", pull=True))
+        loading = threading.Thread(target=load)
+        loading.start()
+        wait_until(lambda: (backend.load_progress() or 0) > 0, 5)
+    # The stand-in stopped mid-pull: the load ends with an error, nothing was pulled.
+    loading.join(10)
+    assert not loading.is_alive()
+    (error,) = errors
+    assert "pull" in error.message and "'new:7b'" in error.message, error.message
+    assert not error.permanent  # worth another try
+    assert "new:7b" not in server.models
+
+
+def test_pull_progress_is_the_share_of_bytes_and_never_goes_back() -> None:
+    from model_service.backends.ollama_pull import PullProgress
+
+    pull = PullProgress("Ollama", "m")
+    seen: list[float | None] = []
+    lines = [
+        {"status": "pulling manifest"},
+        {"status": "pulling aaa", "digest": "sha256:a", "total": 100, "completed": 50},
+        # A second layer appears: 50 of 300 would be less than the 0.5 shown already.
+        {"status": "pulling bbb", "digest": "sha256:b", "total": 200, "completed": 0},
+        {"status": "pulling aaa", "digest": "sha256:a", "total": 100, "completed": 100},
+        {"status": "pulling bbb", "digest": "sha256:b", "total": 200, "completed": 200},
+        {"status": "verifying sha256 digest"},
+        {"status": "success"},
+    ]
+
+    def stream() -> Iterator[bytes]:
+        for line in lines:
+            yield json.dumps(line).encode()
+            seen.append(pull.share)
+
+    pull.follow(stream())
+    assert seen == [0.0, 0.5, 0.5, 0.5, 1.0, 1.0]  # read after each line but "success"
+    with pytest.raises(BackendError, match="ended before it succeeded"):
+        PullProgress("Ollama", "m").follow([json.dumps(lines[1]).encode()])
+    with pytest.raises(BackendError, match="not JSON") as caught:
+        PullProgress("Ollama", "m").follow([b"{oops"])
+    assert not caught.value.permanent

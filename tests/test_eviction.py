@@ -306,6 +306,21 @@ def test_the_pool_evicts_the_model_that_is_cheapest_to_reload() -> None:
 )
 def test_a_visit_begins_after_a_gap(since_last: float, visit: bool) -> None:
     assert eviction.new_visit(100.0, 100.0 + since_last) is visit
+    assert eviction.new_visit(None, 100.0)  # the first request of all
+
+
+def test_a_model_in_constant_use_counts_a_visit_every_gap() -> None:
+    """Requests back to back (each 1 s, the next sent as one ends) are never 2 s apart, yet
+    the rate must not fade for a model that is never idle: a visit every 2 s."""
+    pool, jobs, now = pool_of([ModelEntry("busy")], max_concurrent_models=1)
+    hot(pool, jobs, "busy", now)
+    for _ in range(60):
+        with pool.acquire("busy"):
+            now[0] += 1
+    with pool._lock:
+        (view,) = pool._views()
+    # 30 visits in 60 s, decayed a little: about 30 / RATE_TAU_SECONDS.
+    assert view.rate == pytest.approx(30 / eviction.RATE_TAU_SECONDS, rel=0.15)
 
 
 def test_a_burst_counts_once_and_agents_coming_back_count_each_time() -> None:

@@ -194,8 +194,9 @@ def test_a_pull_longer_than_the_load_timeout_goes_on_while_it_makes_progress(
     entry = {"model_id": "long", "upstream_model": "long:7b", "pull": True}
     stack = Stack([entry], {"load_timeout_seconds": 2}, ollama_url=standin.url).up()
     try:
-        # The pull takes twice the load timeout; its progress keeps the load alive.
-        resp = stack.post("/models/long/load", {"wait": True, "timeout": PULL_SECONDS + 10})
+        # The pull takes twice the load timeout; its progress keeps the load alive, and the
+        # caller waiting with the default timeout waits for it.
+        resp = stack.post("/models/long/load", {"wait": True})
         assert resp.status_code == 200, resp.text
         assert stack.state("long") == "HOT"
         assert "long:7b" in standin.models

@@ -113,6 +113,13 @@ def test_scale_up(
     assert (decision.direction if decision else None) == expected
 
 
+def test_a_model_below_min_gains_a_replica_once_it_serves() -> None:
+    two = Limits(minimum=2, maximum=3)
+    assert decide([r("a")], two, 100.0, None, None) == Decision(Direction.UP, why="below min 2")
+    assert decide([r("a", WARMING)], two, 100.0, None, None) is None  # not serving yet
+    assert decide([r("a"), r("b", WARMING)], two, 100.0, None, None) is None  # on its way
+
+
 def test_scale_down_drains_the_replica_idle_longest_beyond_min() -> None:
     replicas = [r("a", in_flight=1), r("b", idle_since=-50.0), r("c", idle_since=-30.0)]
     assert decide(replicas, LIMITS, 100.0, None, None) == Decision(

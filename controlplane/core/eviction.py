@@ -20,12 +20,13 @@ Rules (pure; the pool applies the result):
       cost = load_seconds * rate
 
   ``load_seconds`` is the model's measured load time (a moving average) and ``rate`` its recent
-  visit rate (visits per second, decayed over ``RATE_TAU_SECONDS``). A visit is a request that
-  begins at least ``VISIT_GAP_SECONDS`` after the model's previous one: an agent's burst of
-  requests would cost one reload, not one per request, so it counts once (counting requests
-  made a model that one agent asked ten things in a row look busier than one that five agents
-  come back to). A slow-to-load model in use keeps its place; a fast or idle one goes; of two
-  that load equally fast, the one visited less often goes (GreedyDual-Size-Frequency with
+  visit rate (visits per second, decayed over ``RATE_TAU_SECONDS``). Requests count at most
+  once per ``VISIT_GAP_SECONDS``: an agent's burst of requests would cost one reload, not one
+  per request, so it counts once (counting requests made a model that one agent asked ten
+  things in a row look busier than one that five agents come back to), while a model in
+  constant use counts as visited every ``VISIT_GAP_SECONDS``, however long its requests take.
+  A slow-to-load model in use keeps its place; a fast or idle one goes; of two that load equally
+  fast, the one visited less often goes (GreedyDual-Size-Frequency with
   every model the same size: a slot is a slot). Ties: least recently used, then the model id.
 """
 
@@ -38,7 +39,7 @@ PRIORITIES: Final = ("low", "normal", "medium", "high", "critical")
 RANK: Final = {p: i for i, p in enumerate(PRIORITIES)}
 #: Time constant of the request-rate average (seconds).
 RATE_TAU_SECONDS: Final = 300.0
-#: Requests closer than this to the one before them are part of the same visit (seconds).
+#: Requests within this many seconds of the last counted one are part of its visit.
 VISIT_GAP_SECONDS: Final = 2.0
 #: Weight of the newest load time in the moving average.
 LOAD_ALPHA: Final = 0.5
@@ -123,9 +124,10 @@ def decayed_rate(rate: float, since: float, now: float) -> float:
     return rate * math.exp(-max(0.0, now - since) / RATE_TAU_SECONDS)
 
 
-def new_visit(asked_at: float, now: float) -> bool:
-    """Whether a request at ``now`` begins a new visit (the previous one began at ``asked_at``)."""
-    return now - asked_at >= VISIT_GAP_SECONDS
+def new_visit(counted_at: float | None, now: float) -> bool:
+    """Whether a request at ``now`` counts as a new visit (the last counted one was at
+    ``counted_at``; None: never)."""
+    return counted_at is None or now - counted_at >= VISIT_GAP_SECONDS
 
 
 def count_request(rate: float, since: float, now: float, n: int = 1) -> float:

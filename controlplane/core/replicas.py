@@ -9,6 +9,7 @@ A request retried after its replica died before answering names that replica in 
 
 Scaling (``decide``), for a model with ``replicas: {min, max}``:
 
+- **Up to ``min``** as soon as the model serves (its first replica loads on demand, as today).
 - **Up** when the requests in flight per serving replica have stayed at or above
   ``up_in_flight`` for ``up_seconds`` (``busy_since`` follows that, see ``busy_since``), no
   replica is starting already, and there are fewer than ``max``. Whether there is room for it
@@ -19,6 +20,11 @@ Scaling (``decide``), for a model with ``replicas: {min, max}``:
 - **A pinned count** (``modelpool scale MODEL N``) replaces both: one step at a time towards it,
   draining an idle replica first, else the one with the fewest in flight.
 - **No flapping**: at most one change per model per ``up_seconds`` (``last_change``).
+
+Where a new replica goes is placement's (``core.placement``, ``Want.replica_nodes``): a node
+without one first. Two Ollama-backed replicas must never share a node, since they would share
+its Ollama (one replica's unload would unload the other's model); only in-process backends may
+run a second replica on a node.
 """
 
 from __future__ import annotations
@@ -126,6 +132,8 @@ def decide(
             victim = min(serving, key=lambda r: (r.in_flight, r.idle_since, r.replica_id))
             return Decision(Direction.DOWN, victim.replica_id, f"pinned at {pinned}")
         return None
+    if serving and not starting and len(live) < max(1, limits.minimum):
+        return Decision(Direction.UP, why=f"below min {limits.minimum}")
     if (
         serving
         and not starting

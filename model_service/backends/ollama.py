@@ -29,6 +29,8 @@ from model_service.backends import (
 from model_service.backends import ollama_messages as msgs
 from model_service.backends.base import BackendError, BackendUnavailable, Result
 from model_service.backends.ollama_messages import invalid as _invalid
+from model_service.backends.ollama_pull import PullProgress
+from model_service.backends.ollama_pull import failed as pull_failed
 from model_service.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -128,8 +130,8 @@ class OllamaBackend:
         self._options: dict[str, Any] = dict(spec.options)
         self._session = session or _new_session()
         self._read_timeout = max(READ_TIMEOUT, spec.load_timeout_seconds)
-        #: How far a pull is (0..1), None when the load pulled nothing.
-        self._progress: float | None = None
+        #: The load's pull, if it pulled the model.
+        self._pulling: PullProgress | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -173,7 +175,8 @@ class OllamaBackend:
         """``ollama pull``, streamed: the share of the layers' bytes downloaded so far is the
         load's progress (1 once pulled; the load that follows reports none)."""
         log.info("pulling %s into Ollama at %s", self.model, self.base_url)
-        self._progress = 0.0
+        where = f"Ollama at {self.base_url}"
+        self._pulling = PullProgress(where, self.model)
         try:
             response = self._session.post(
                 self.base_url + "/api/pull",
@@ -183,43 +186,17 @@ class OllamaBackend:
             )
         except requests.ConnectionError as exc:
             raise self._unreachable(exc) from exc
+        except requests.Timeout:
+            raise pull_failed(where, self.model, "it did not start the pull", False) from None
         with response:
             if response.status_code != 200:
-                raise self._http_error(response, "pull")
+                error = f"HTTP {response.status_code}: {_ollama_message(response)}"
+                raise pull_failed(where, self.model, error, response.status_code == 404)
             try:
-                self._follow_pull(response.iter_lines())
+                self._pulling.follow(response.iter_lines())
             except requests.RequestException as exc:
-                raise BackendError(
-                    f"the pull of {self.model!r} from Ollama at {self.base_url} broke off: "
-                    f"{_short_reason(exc)}"
-                ) from exc
-
-    def _follow_pull(self, lines: Iterator[bytes]) -> None:
-        layers: dict[str, tuple[int, int]] = {}  # digest: (completed, total)
-        for line in lines:
-            status = json.loads(line) if line else {}
-            if not isinstance(status, dict):
-                continue
-            if "error" in status:
-                # Not in the library: permanent. Anything else (the network) may pass.
-                missing = "does not exist" in str(status["error"])
-                raise BackendError(
-                    f"Ollama at {self.base_url} could not pull model {self.model!r}: "
-                    f"{status['error']}",
-                    status=404 if missing else 502,
-                    type="invalid_request_error" if missing else "backend_error",
-                    code="pull_failed",
-                )
-            total, done = status.get("total"), status.get("completed")
-            if isinstance(total, int) and total > 0 and isinstance(status.get("digest"), str):
-                layers[status["digest"]] = (done if isinstance(done, int) else 0, total)
-                self._progress = sum(c for c, _ in layers.values()) / sum(
-                    t for _, t in layers.values()
-                )
-            if status.get("status") == "success":
-                self._progress = 1.0
-                return
-        raise BackendError(f"Ollama at {self.base_url} ended the pull of {self.model!r} early")
+                error = f"the pull broke off: {_short_reason(exc)}"
+                raise pull_failed(where, self.model, error, False) from exc
 
     def unload(self) -> None:
         payload = {"model": self.model, "keep_alive": 0}
@@ -233,7 +210,7 @@ class OllamaBackend:
 
     def load_progress(self) -> float | None:
         # Ollama says how far a pull is, not how far a load is.
-        return self._progress
+        return None if self._pulling is None else self._pulling.share
 
     def memory_mb(self) -> float | None:
         try:
