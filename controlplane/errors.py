@@ -54,6 +54,8 @@ class NoCapacity(PoolError):
     code = "no_capacity"
     #: Room may free up (a model expires, is unloaded, passes its residency): worth waiting.
     waitable = False
+    #: When a model now resident may make room (the pool's clock), if one will.
+    room_at: float | None = None
 
 
 class LoadFailed(PoolError):

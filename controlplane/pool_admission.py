@@ -129,6 +129,7 @@ class Admission:
         notify = False
         queued: Record | None = None  # the record this caller is counted as waiting on
         ticket: Ticket | None = None  # this caller's place in the queue for room
+        room_at: float | None = None  # when a resident model may go (the pool's clock)
         try:
             with self._lock:
                 while True:
@@ -183,6 +184,7 @@ class Admission:
                             started_gen = self._try_start(rec, manual, self._nodes_ahead(ticket))
                         except NoCapacity as refusal:
                             ticket = self._wait_for_room(ticket, refusal, queues, began, rec)
+                            room_at = refusal.room_at
                         else:
                             notify = notify or started_gen is not None
                             if started_gen is not None:
@@ -214,7 +216,12 @@ class Admission:
                             queued = None
                         self._enqueue(rec)
                         queued = rec
-                    self._changed.wait(min(remaining, 1.0))
+                    nap = min(remaining, 1.0)
+                    if room_at is not None:
+                        # No event says a residency or idle guard ended: wake for it.
+                        nap = min(nap, max(0.02, room_at - self.clock()))
+                        room_at = None
+                    self._changed.wait(nap)
         finally:
             if queued is not None or ticket is not None:
                 with self._lock:
@@ -337,6 +344,7 @@ class Admission:
             wait = 5.0 if where.room_at is None else max(1.0, where.room_at - self.clock())
             refusal = NoCapacity(where.reason or plan.reason, retry_after=wait)
             refusal.waitable = where.waitable
+            refusal.room_at = where.room_at
             raise refusal
         if not plan.ok:
             for victim in plan.evict:

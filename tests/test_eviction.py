@@ -117,6 +117,43 @@ def test_a_resident_model_is_not_evicted_and_the_plan_says_when_it_may_be() -> N
 
 
 @pytest.mark.parametrize(
+    ("newcomer_idle_until", "popular_load", "expected_evict", "expected_room_at"),
+    [
+        # The newcomer (rarely used) may go in 0.8 s, sooner than the popular model would load
+        # again (2 s): wait for it rather than evict the popular one.
+        (100.8, 2.0, (), 100.8),
+        # Its guard lasts longer than the popular model's reload: evict the popular one now.
+        (103.0, 2.0, ("popular",), None),
+        # A popular model quick to reload (0.5 s) is not worth 0.8 s of waiting.
+        (100.8, 0.5, ("popular",), None),
+    ],
+)
+def test_a_cheaper_model_about_to_be_free_is_waited_for(
+    newcomer_idle_until: float,
+    popular_load: float,
+    expected_evict: tuple[str, ...],
+    expected_room_at: float | None,
+) -> None:
+    models = [
+        # Idle for 5 s, but asked for often.
+        view("popular", last_used=95.0, rate=1.0, load_seconds=popular_load),
+        # Just used by the agent that loaded it; asked for rarely.
+        view("newcomer", last_used=newcomer_idle_until - 1.0, rate=0.05, load_seconds=1.0),
+    ]
+    plan = plan_capacity(
+        models, "x", 0, 2, 0, now=100.0, min_resident_seconds=30.0,
+        resident_load_multiple=0.5, min_idle_seconds=1.0,
+    )  # fmt: skip
+    assert plan.evict == expected_evict
+    assert plan.room_at == expected_room_at
+    if expected_room_at is not None:
+        assert plan.waitable and not plan.ok and not plan.wait
+        assert "'newcomer' may go in 0.8 s, cheaper to reload than 'popular'" in plan.reason
+    lru = plan_capacity(models, "x", 0, 2, 0, now=100.0, min_idle_seconds=1.0, order="lru")
+    assert lru.evict == ("popular",)  # plain LRU takes what is free now
+
+
+@pytest.mark.parametrize(
     ("models", "need_mb", "waitable"),
     [
         # Busy, leased, resident or of higher priority: they go some day, so waiting may help.
@@ -428,6 +465,40 @@ def test_loads_that_find_no_room_wait_and_are_served_in_arrival_order() -> None:
     assert not errors, errors
     assert jobs.started == ["held", "b", "c", "d"] and served == ["b", "c", "d"]
     assert pool._room_queue == []
+
+
+class SimulatedWaits(threading.Condition):
+    """The pool's condition, with its waits taken on the fake clock: each wait advances the
+    clock by its timeout at once and records it."""
+
+    def __init__(self, lock: Any, now: list[float]) -> None:
+        super().__init__(lock)
+        self.now = now
+        self.naps: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.naps.append(-1.0 if timeout is None else timeout)
+        self.now[0] += timeout or 0.0
+        return super().wait(0)
+
+
+def test_a_caller_waiting_for_a_residency_wakes_when_it_ends() -> None:
+    """Nothing happens when a residency ends: the waiter must wake at that time, not at its
+    next one-second poll."""
+    pool, jobs, now = pool_of(
+        [ModelEntry("a"), ModelEntry("b")],
+        max_concurrent_models=1,
+        min_resident_seconds=5,
+        resident_load_multiple=0,
+        capacity_wait_seconds=30,
+    )
+    hot(pool, jobs, "a", now)
+    pool._changed = waits = SimulatedWaits(pool._lock, now)
+    now[0] += 4.6
+    with pytest.raises(LoadTimeout):  # b waits for a to stop; here nobody reports the stop
+        pool.ensure_loaded("b", timeout=0.6)
+    assert waits.naps[0] == pytest.approx(0.4)  # a's residency ends 0.4 s later
+    assert jobs.stops == ["a"]
 
 
 def test_a_wait_for_room_ends_in_503_after_capacity_wait_seconds() -> None:

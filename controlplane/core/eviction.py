@@ -13,6 +13,10 @@ Rules (pure; the pool applies the result):
   ``min_resident_seconds``.
 - Nor is a model evicted within ``min_idle_seconds`` of its last request's start or end: the
   next request of an agent's burst is on its way.
+- A cheaper model held only by these guards is waited for rather than a dearer one evicted, if
+  its guard ends sooner than the dearer one would take to load again (``policy.plan_capacity``;
+  without this, the model an agent just loaded and used once stayed, guarded, while the most
+  popular one, idle for a moment, went).
 - Among the models that may go, the lowest priority goes first; among equals, the one whose
   eviction costs least. The cost is the reload time the pool expects to pay per second the
   model is away::
@@ -77,6 +81,16 @@ def cost(m: Candidate) -> float:
     """
     load = DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
     return load * max(0.0, m.rate)
+
+
+def load_of(m: Candidate) -> float:
+    """``m``'s load time (seconds): measured, else the default."""
+    return DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
+
+
+def cheaper(a: Candidate, b: Candidate) -> bool:
+    """Whether evicting ``a`` comes before evicting ``b`` (lower priority, else lower cost)."""
+    return (rank(a.priority), cost(a)) < (rank(b.priority), cost(b))
 
 
 def may_evict_for(m: Candidate, priority: str) -> bool:

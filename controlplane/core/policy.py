@@ -201,6 +201,25 @@ def plan_capacity(
         kept.remove(victim)
         evict.append(victim.model_id)
     if fits(kept, ()):
+        guarded = [m for m in idle if m not in evictable]
+        if order == "cost" and now is not None and guarded:
+            victims = [m for m in settled if m.model_id in evict]
+            for victim in victims:
+                # A cheaper model whose guard ends sooner than this one would take to load
+                # again is worth the wait (ski rental: wait while it costs less than buying).
+                patience = eviction.load_of(victim)
+                for m in sorted(guarded, key=resident_until):
+                    soon = resident_until(m) - now <= patience
+                    frees = not limit_mem or m.memory_mb >= victim.memory_mb
+                    if soon and frees and eviction.cheaper(m, victim):
+                        return CapacityPlan(
+                            ok=False,
+                            waitable=True,
+                            room_at=resident_until(m),
+                            reason=f"no capacity yet: {m.model_id!r} may go in "
+                            f"{resident_until(m) - now:.1f} s, cheaper to reload than "
+                            f"{victim.model_id!r}",
+                        )
         return CapacityPlan(ok=False, evict=tuple(evict), wait=True)
     # Would it fit once the models still resident may go?
     room_at = None
