@@ -24,7 +24,7 @@ from controlplane.core.states import OCCUPYING, SERVING
 from controlplane.errors import UnknownModel
 from controlplane.pool import ModelPool
 from controlplane.records import Loaded
-from model_service.backends.ollama import KEEP_FOREVER, same_model
+from model_service.backends.ollama_http import KEEP_FOREVER, same_model
 
 log = logging.getLogger("modelpool.drift")
 

@@ -72,6 +72,11 @@ def rank(priority: str) -> int:
     return RANK.get(priority, RANK["normal"])
 
 
+def load_of(m: Candidate) -> float:
+    """``m``'s load time (seconds): measured, else the default."""
+    return DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
+
+
 def cost(m: Candidate) -> float:
     """The reload time (seconds) expected to be paid per second ``m`` is away if evicted now.
 
@@ -79,13 +84,7 @@ def cost(m: Candidate) -> float:
     first version): for any model used in the last minutes that is close to 1, so the cost was
     the load time alone and the most popular model went first if it loaded fastest.
     """
-    load = DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
-    return load * max(0.0, m.rate)
-
-
-def load_of(m: Candidate) -> float:
-    """``m``'s load time (seconds): measured, else the default."""
-    return DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
+    return load_of(m) * max(0.0, m.rate)
 
 
 def cheaper(a: Candidate, b: Candidate) -> bool:
@@ -103,8 +102,7 @@ def residency(m: Candidate, min_resident_seconds: float, load_multiple: float = 
     load time, at most ``min_resident_seconds`` (``load_multiple`` 0: that alone)."""
     if load_multiple <= 0:
         return min_resident_seconds
-    load = DEFAULT_LOAD_SECONDS if m.load_seconds is None else m.load_seconds
-    return min(min_resident_seconds, load_multiple * load)
+    return min(min_resident_seconds, load_multiple * load_of(m))
 
 
 def resident_until(

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any, Final
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from model_service.backends import (
     SSE_DONE,
@@ -28,60 +26,26 @@ from model_service.backends import (
 )
 from model_service.backends import ollama_messages as msgs
 from model_service.backends.base import BackendError, BackendUnavailable, Result
+from model_service.backends.ollama_http import (
+    CONNECT_TIMEOUT,
+    CONTROL_TIMEOUT,
+    KEEP_FOREVER,
+    MIB,
+    READ_TIMEOUT,
+    same_model,
+)
+from model_service.backends.ollama_http import new_session as _new_session
+from model_service.backends.ollama_http import ollama_message as _ollama_message
+from model_service.backends.ollama_http import short_reason as _short_reason
 from model_service.backends.ollama_messages import invalid as _invalid
 from model_service.backends.ollama_pull import PullProgress
-from model_service.backends.ollama_pull import failed as pull_failed
 from model_service.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-KEEP_FOREVER: Final = -1
-CONNECT_TIMEOUT: Final = 5.0
-#: A non-streamed answer arrives only once the whole generation is done, so reads may be slow.
-READ_TIMEOUT: Final = 600.0
-#: Unload and /api/ps are bookkeeping calls: answer quickly or be skipped.
-CONTROL_TIMEOUT: Final = (2.0, 10.0)
-MIB: Final = 1024 * 1024
-
 # OpenAI sampling parameters Ollama takes under the same name in ``options``. None of them is a
 # runner option, so a request setting them does not make Ollama reload the model.
 _SAMPLING_KEYS: Final = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
-
-
-def _new_session() -> requests.Session:
-    session = requests.Session()
-    # Ollama is a local service: a proxy from the environment must not sit in between.
-    session.trust_env = False
-    # A threaded worker runs many requests at once; keep that many connections pooled.
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=64)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-def same_model(listed: Any, wanted: str) -> bool:
-    # Ollama reports "llama3" as "llama3:latest".
-    def full(name: str) -> str:
-        return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
-
-    return isinstance(listed, str) and full(listed) == full(wanted)
-
-
-def _short_reason(exc: Exception) -> str:
-    # requests wraps the socket error in several layers; the errno text is what a reader needs.
-    text = str(exc)
-    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    return match.group(1).strip() if match else text
-
-
-def _ollama_message(response: requests.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return str(data["error"])
-    return response.text.strip()[:500] or response.reason or f"HTTP {response.status_code}"
 
 
 def _finish_reason(final: dict[str, Any]) -> str:
@@ -175,28 +139,11 @@ class OllamaBackend:
         """``ollama pull``, streamed: the share of the layers' bytes downloaded so far is the
         load's progress (1 once pulled; the load that follows reports none)."""
         log.info("pulling %s into Ollama at %s", self.model, self.base_url)
-        where = f"Ollama at {self.base_url}"
-        self._pulling = PullProgress(where, self.model)
+        self._pulling = PullProgress(f"Ollama at {self.base_url}", self.model)
         try:
-            response = self._session.post(
-                self.base_url + "/api/pull",
-                json={"model": self.model, "stream": True},
-                stream=True,
-                timeout=(CONNECT_TIMEOUT, self._read_timeout),
-            )
+            self._pulling.run(self._session, self.base_url + "/api/pull", self._read_timeout)
         except requests.ConnectionError as exc:
             raise self._unreachable(exc) from exc
-        except requests.Timeout:
-            raise pull_failed(where, self.model, "it did not start the pull", False) from None
-        with response:
-            if response.status_code != 200:
-                error = f"HTTP {response.status_code}: {_ollama_message(response)}"
-                raise pull_failed(where, self.model, error, response.status_code == 404)
-            try:
-                self._pulling.follow(response.iter_lines())
-            except requests.RequestException as exc:
-                error = f"the pull broke off: {_short_reason(exc)}"
-                raise pull_failed(where, self.model, error, False) from exc
 
     def unload(self) -> None:
         payload = {"model": self.model, "keep_alive": 0}

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+import requests
+
 from model_service.backends.base import BackendError
+from model_service.backends.ollama_http import CONNECT_TIMEOUT, ollama_message, short_reason
 
 
 def failed(where: str, model: str, error: str, missing: bool) -> BackendError:
@@ -34,6 +37,28 @@ class PullProgress:
         self.model = model
         self.share: float | None = None
         self._layers: dict[str, tuple[int, int]] = {}  # digest: (completed, total)
+
+    def run(self, session: requests.Session, url: str, read_timeout: float) -> None:
+        """Ask for the pull at ``url`` and follow it; a refused connection is the caller's to
+        report (requests.ConnectionError), anything else a BackendError."""
+        try:
+            response = session.post(
+                url,
+                json={"model": self.model, "stream": True},
+                stream=True,
+                timeout=(CONNECT_TIMEOUT, read_timeout),
+            )
+        except requests.Timeout:
+            raise failed(self.where, self.model, "it did not start the pull", False) from None
+        with response:
+            if response.status_code != 200:
+                error = f"HTTP {response.status_code}: {ollama_message(response)}"
+                raise failed(self.where, self.model, error, response.status_code == 404)
+            try:
+                self.follow(response.iter_lines())
+            except requests.RequestException as exc:
+                error = f"the pull broke off: {short_reason(exc)}"
+                raise failed(self.where, self.model, error, False) from exc
 
     def follow(self, lines: Iterable[bytes]) -> None:
         """Read the pull's lines to its ``success``; raises BackendError if it fails or ends
