@@ -231,7 +231,7 @@ class Workers(Lifecycle):
         """
         timeout = self.pool.settings.load_timeout_seconds
         limit = time.monotonic() + timeout
-        progress = -1.0
+        progressed = False
         next_check = time.monotonic() + PROCESS_CHECK_SECONDS
         host = node.address(self.pool.settings)
         while True:
@@ -251,10 +251,10 @@ class Workers(Lifecycle):
                 self.pool.became_ready(model_id, gen, memory, pid, health.requests_served)
                 return None
             if health is not None and health.status == "loading":
-                self.pool.load_progress(model_id, gen, health.progress)
-                if health.progress is not None and health.progress > progress:
-                    progress = health.progress
-                    limit = time.monotonic() + timeout
+                # The phase moves on with or without a figure; the timeout only with more.
+                further = self.pool.load_progress(model_id, gen, health.progress)
+                progressed = progressed or further
+                limit = time.monotonic() + timeout if further else limit
             if health is not None and health.status == "error":
                 error = health.error or "unknown error"
                 return _Failure(
@@ -272,7 +272,7 @@ class Workers(Lifecycle):
             if time.monotonic() >= limit:
                 return _Failure(
                     f"not ready within load_timeout_seconds ({timeout:g} s)"
-                    + (f" of its last progress ({progress:.0%})" if progress >= 0 else ""),
+                    + (" of its last progress" if progressed else ""),
                     "timeout",
                 )
             self.stopping.wait(POLL_SECONDS)

@@ -206,7 +206,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
                 priority=r.entry.priority,
                 loaded_at=r.loaded_at if r.state in SERVING else None,
                 load_seconds=r.load_seconds,
-                rate=eviction.decayed_rate(r.rate, now if r.rate_at is None else r.rate_at, now),
+                rate=eviction.decayed_rate(r.rate, r.rate_at, now),
             )
             for r in self._records.values()
         ]
@@ -248,8 +248,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
         """A request for ``rec`` begins now (lock held): its visit rate, for eviction's cost."""
         now = self.clock()
         if eviction.new_visit(rec.rate_at, now):
-            since = now if rec.rate_at is None else rec.rate_at
-            rec.rate = eviction.count_request(rec.rate, since, now)
+            rec.rate = eviction.count_request(rec.rate, rec.rate_at, now)
             rec.rate_at = now
 
     def _chore(self, rec: Record, event: ChoreEvent) -> None:

@@ -113,18 +113,22 @@ class Jobs:
         else:
             jobs.finish(job, Phase.FAILED, now, rec.last_error or reason)
 
-    def load_progress(self: PoolParts, model_id: str, gen: int, progress: float | None) -> None:
+    def load_progress(self: PoolParts, model_id: str, gen: int, progress: float | None) -> bool:
         """The worker of load ``gen`` answers and loads its weights (``progress`` 0..1 if its
-        backend says)."""
+        backend says). True when the load got further than it was (the load timeout then
+        counts from now, for the lifecycle and for waiting callers)."""
         with self._lock:
             rec = self._records.get(model_id)
             if rec is None or rec.gen != gen or rec.state is not State.WARMING:
-                return
-            if rec.job is not None and rec.job.gen == gen:
-                before = rec.job.progress
-                jobs.advance(rec.job, Phase.LOADING_WEIGHTS, progress)
-                if rec.job.progress is not None and (before is None or rec.job.progress > before):
-                    rec.progressed_at = time.monotonic()
+                return False
+            if rec.job is None or rec.job.gen != gen:
+                return False
+            before = rec.job.progress
+            jobs.advance(rec.job, Phase.LOADING_WEIGHTS, progress)
+            if rec.job.progress is None or (before is not None and rec.job.progress <= before):
+                return False
+            rec.progressed_at = time.monotonic()
+            return True
 
     def jobs(self: PoolParts) -> list[dict[str, object]]:
         """Every live job and the last finished ones, newest first (``GET /jobs``)."""

@@ -131,8 +131,10 @@ def order(models: list[M], how: str = "cost") -> list[M]:
     return sorted(models, key=lambda m: (rank(m.priority), cost(m), m.last_used, m.model_id))
 
 
-def decayed_rate(rate: float, since: float, now: float) -> float:
-    """``rate`` as measured at ``since``, decayed to ``now``."""
+def decayed_rate(rate: float, since: float | None, now: float) -> float:
+    """``rate`` as measured at ``since`` (None: never measured), decayed to ``now``."""
+    if since is None:
+        return rate
     return rate * math.exp(-max(0.0, now - since) / RATE_TAU_SECONDS)
 
 
@@ -142,7 +144,7 @@ def new_visit(counted_at: float | None, now: float) -> bool:
     return counted_at is None or now - counted_at >= VISIT_GAP_SECONDS
 
 
-def count_request(rate: float, since: float, now: float, n: int = 1) -> float:
+def count_request(rate: float, since: float | None, now: float, n: int = 1) -> float:
     """The rate after ``n`` events at ``now`` (an exponentially decayed event rate)."""
     return decayed_rate(rate, since, now) + n / RATE_TAU_SECONDS
 

@@ -5,7 +5,7 @@ Every function takes snapshots and a time and returns data; the pool applies the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -201,25 +201,12 @@ def plan_capacity(
         kept.remove(victim)
         evict.append(victim.model_id)
     if fits(kept, ()):
-        guarded = [m for m in idle if m not in evictable]
-        if order == "cost" and now is not None and guarded:
+        if order == "cost" and now is not None:
             victims = [m for m in settled if m.model_id in evict]
-            for victim in victims:
-                # A cheaper model whose guard ends sooner than this one would take to load
-                # again is worth the wait (ski rental: wait while it costs less than buying).
-                patience = eviction.load_of(victim)
-                for m in sorted(guarded, key=resident_until):
-                    soon = resident_until(m) - now <= patience
-                    frees = not limit_mem or m.memory_mb >= victim.memory_mb
-                    if soon and frees and eviction.cheaper(m, victim):
-                        return CapacityPlan(
-                            ok=False,
-                            waitable=True,
-                            room_at=resident_until(m),
-                            reason=f"no capacity yet: {m.model_id!r} may go in "
-                            f"{resident_until(m) - now:.1f} s, cheaper to reload than "
-                            f"{victim.model_id!r}",
-                        )
+            guarded = [m for m in idle if m not in evictable]
+            later = _cheaper_soon(victims, guarded, resident_until, now, limit_mem)
+            if later is not None:
+                return later
         return CapacityPlan(ok=False, evict=tuple(evict), wait=True)
     # Would it fit once the models still resident may go?
     room_at = None
@@ -244,6 +231,31 @@ def plan_capacity(
         ),
         room_at=room_at,
     )
+
+
+def _cheaper_soon(
+    victims: Sequence[ModelView],
+    guarded: Sequence[ModelView],
+    resident_until: Callable[[ModelView], float],
+    now: float,
+    limit_mem: bool,
+) -> CapacityPlan | None:
+    """A plan to wait for a cheaper model held only by its residency or idle guard, if that
+    guard ends sooner than a chosen victim would take to load again (ski rental: wait while it
+    costs less than buying); None: evict the victims now."""
+    for victim in victims:
+        for m in sorted(guarded, key=resident_until):
+            soon = resident_until(m) - now <= eviction.load_of(victim)
+            frees = not limit_mem or m.memory_mb >= victim.memory_mb
+            if soon and frees and eviction.cheaper(m, victim):
+                return CapacityPlan(
+                    ok=False,
+                    waitable=True,
+                    room_at=resident_until(m),
+                    reason=f"no capacity yet: {m.model_id!r} may go in "
+                    f"{resident_until(m) - now:.1f} s, cheaper to reload than {victim.model_id!r}",
+                )
+    return None
 
 
 #: What a llama.cpp worker costs beyond its GGUF file (Python, gunicorn, Flask, llama.cpp's
