@@ -24,7 +24,7 @@ from controlplane.records import Record
 from controlplane.service import PoolService
 from controlplane.settings import CONTROL_THREADS
 from model_service import jsonbody
-from model_service.aio import Answer, BrokenAnswer, Unreachable, Upstreams
+from model_service.aio import BrokenAnswer, Unreachable, Upstreams
 from model_service.asgi import (
     Disconnect,
     Receive,
@@ -105,7 +105,11 @@ class ControlPlane:
         return model if isinstance(model, str) and model else None
 
     async def _relay(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
-        """Relay a request for a serving model; False (nothing sent) if Flask must answer."""
+        """Relay a request for a serving model; False (nothing sent) if Flask must answer.
+
+        A replica that dies before anything of its answer reached the client (no answer, or
+        an answer broken before its first byte of body) is left out and the request goes once
+        more to another serving replica of the model."""
         started = time.perf_counter()
         model = self._model(scope, body)
         pool = self.svc.pool
@@ -113,60 +117,101 @@ class ControlPlane:
         if held is None:
             return False
         assert model is not None
-        host, port, gen = held
-        try:
-            headers = {
-                "Content-Type": "application/json",
-                VIA_HEADER: "frontdoor",
-                "Accept": header(scope, b"accept") or "*/*",
-            }
-            if pool.settings.api_key:
-                headers["Authorization"] = f"Bearer {pool.settings.api_key}"
+        headers = {
+            "Content-Type": "application/json",
+            VIA_HEADER: "frontdoor",
+            "Accept": header(scope, b"accept") or "*/*",
+        }
+        if pool.settings.api_key:
+            headers["Authorization"] = f"Bearer {pool.settings.api_key}"
+        failed: frozenset[str] = frozenset()
+        while True:
+            host, port, gen, key = held
             try:
-                answer = await self.upstreams.request(
-                    host, port, "POST", scope["path"], body, headers
+                broken = await self._attempt(
+                    scope, body, (host, port), headers, receive, send, started
                 )
-            except (Unreachable, BrokenAnswer):
+            finally:
+                pool.release(model, gen, thread=False)
+            if broken is None:
+                return True
+            failed |= {key}
+            retry = pool.try_begin_request(model, failed) if len(failed) < 2 else None
+            if retry is not None:
+                held = retry
+                continue
+            if broken == "":
                 return False  # Flask tries once more and reports it (503 + Retry-After)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 502,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": _broken(broken)})
+            return True
+
+    async def _attempt(
+        self,
+        scope: Scope,
+        body: bytes,
+        where: tuple[str, int],
+        headers: dict[str, str],
+        receive: Receive,
+        send: Send,
+        started: float,
+    ) -> str | None:
+        """One try on one replica: None once answered, else why nothing could be sent ("": the
+        worker did not answer, else how its answer broke before its body began)."""
+        try:
+            answer = await self.upstreams.request(*where, "POST", scope["path"], body, headers)
+        except (Unreachable, BrokenAnswer):
+            return ""
+        try:
             passed = [
                 (name, answer.headers[name.decode()].encode("latin-1"))
                 for name in PASSED
                 if name.decode() in answer.headers
             ]
             start = {"type": "http.response.start", "status": answer.status, "headers": passed}
-            # Counted when the answer's head is in, as the exporter times a Flask view (which
-            # returns before its body is relayed).
-            self._count(scope, answer.status, started)
-            await self._relay_answer(answer, start, receive, send)
-            return True
-        finally:
-            pool.release(model, gen, thread=False)
-
-    async def _relay_answer(
-        self, answer: Answer, start: dict[str, Any], receive: Receive, send: Send
-    ) -> None:
-        try:
             if answer.header("content-length") is not None:
                 try:
                     data = await answer.read()
                 except BrokenAnswer as exc:
-                    start["status"], data = 502, _broken(str(exc))
-                    start["headers"] = [(b"content-type", b"application/json")]
+                    return str(exc) or "broken answer"
+                # Counted when the answer is in, as the exporter times a Flask view (which
+                # returns before its body is relayed).
+                self._count(scope, answer.status, started)
                 await send(start)
                 await send({"type": "http.response.body", "body": data})
-                return
+                return None
             watch = Disconnect(receive)
             try:
+                chunks = aiter(answer)
+                try:  # the head goes out with the first piece of body: until then, a retry
+                    first = await anext(chunks)
+                except StopAsyncIteration:
+                    first = b""
+                except BrokenAnswer as exc:
+                    return str(exc) or "broken answer"
+                self._count(scope, answer.status, started)
                 await send(start)
-                async for chunk in answer:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if watch.gone:
-                        return
-            except BrokenAnswer:
-                pass  # the worker broke off: the body ends here, as a closed stream ends
+                if first:
+                    await send({"type": "http.response.body", "body": first, "more_body": True})
+                try:
+                    async for chunk in chunks:
+                        if watch.gone:
+                            return None
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except BrokenAnswer:
+                    pass  # the worker broke off: the body ends here, as a closed stream ends
+                if watch.gone:
+                    return None
             finally:
                 watch.stop()
             await send({"type": "http.response.body", "body": b""})
+            return None
         finally:
             answer.release()
 

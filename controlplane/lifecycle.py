@@ -240,7 +240,8 @@ class Workers(Lifecycle):
             if not self.pool.still_warming(model_id, gen):
                 return None
             health = self.probe.health(host, port, 1.0)
-            if health is not None and health.model not in (None, model_id):
+            # A replica's key is ``model#k``; its worker serves the model itself.
+            if health is not None and health.model not in (None, model_id.split("#")[0]):
                 return _Failure(
                     f"port {port} is answered by a worker for {health.model!r}", "start_error"
                 )

@@ -34,6 +34,7 @@ from controlplane.pool_leases import Leasing
 from controlplane.pool_nodes import Nodes, NodeSlot
 from controlplane.pool_parts import Ticket
 from controlplane.pool_registry import Registry
+from controlplane.pool_replicas import Replicas, Scaling, best
 from controlplane.pool_ttl import Ttl
 from controlplane.pool_unload import Unloading
 from controlplane.records import Lifecycle, Loaded, Record, Transition
@@ -55,7 +56,7 @@ Clock = Callable[[], float]
 STABLE_SECONDS = 60.0
 
 
-class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
+class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes, Replicas):
     """Registry plus lifecycle state of every model, on every node."""
 
     def __init__(
@@ -73,6 +74,11 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
             e.model_id: Record(entry=e, program=program_name(e.model_id)) for e in entries
         }
         self._order: list[str] = [e.model_id for e in entries]
+        #: Each model's replicas beyond its first (``pool_replicas``), by number; also in
+        #: ``_records`` under ``model#k``.
+        self._extras: dict[str, list[Record]] = {}
+        #: What scaling remembers per model (``pool_replicas``).
+        self._scaling: dict[str, Scaling] = {}
         self.lifecycle: Lifecycle = Lifecycle()
         self.is_port_free: Callable[[int], bool] = lambda port: True
         #: Size in MiB of a model file (None: unknown); set by the service (a stat).
@@ -174,16 +180,31 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
                 for m in self._order
             ]
 
+    def groups(self) -> list[list[Record]]:
+        """Copies of every model's replicas (its first one first), in registry order."""
+        with self._lock:
+            return [[replace(r) for r in self._group(m)] for m in self._order]
+
     def describe(self, rec: Record, now: float | None = None) -> dict[str, Any]:
-        """The public JSON view of a record (``GET /models``)."""
+        """The public JSON view of a model (``GET /models``) from its record ``rec`` (a copy
+        of its first replica's): the model shows its best replica's state and its replicas'
+        counts summed, and lists every replica (``replicas``)."""
         now = self.clock() if now is None else now
         with self._lock:
-            ttl = self.ttl_minutes(rec)
+            live = self._records.get(rec.key)
+            group = [rec] if live is None else [replace(r) for r in self._group(rec.key)]
+            group[0] = rec
+            shown = best(group)
+            ttl = self.ttl_minutes(shown)
             warm = rec.entry.model_id in self._warmups()
             scheduled = rec.entry.model_id in self._scheduled
-            host = self.address_of(rec.node)
+            host = self.address_of(shown.node)
+            hosts = {r.key: self.address_of(r.node) for r in group}
             job = rec.job.view() if rec.job is not None else None
-        view = views.model_view(rec, ttl, warm, scheduled, host, now)
+            scaling = self._scaling.get(rec.key)
+        view = views.model_view(shown, ttl, warm, scheduled, host, now)
+        view.update(views.replicas_view(group, hosts, rec.entry.replicas, scaling))
+        view["leases"] = views.leases_view(rec)  # leases hold the model: its first record
         view["job"] = job  # its latest load job (live, or how the last load ended)
         return view
 
@@ -192,9 +213,9 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
         now = self.clock()
         return [
             policy.ModelView(
-                model_id=r.entry.model_id,
+                model_id=r.key,
                 state=r.state,
-                warmup=r.entry.model_id in warm,
+                warmup=r.entry.model_id in warm and r.replica <= r.entry.min_replicas,
                 # Callers waiting for the model are requests about to be in flight: a model
                 # that just became HOT is not expired or evicted before they are counted.
                 # A live lease holds the model like a request in flight.
@@ -225,7 +246,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
         self._version += 1
         log.info(
             "transition model=%s from=%s to=%s event=%s reason=%s after=%.3fs port=%s",
-            rec.entry.model_id,
+            rec.key,
             old.value,
             new.value,
             event.value,
@@ -259,7 +280,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
         if rec.chore is not old:
             log.debug(
                 "chore model=%s from=%s to=%s event=%s",
-                rec.entry.model_id,
+                rec.key,
                 old.value,
                 rec.chore.value,
                 event.value,
@@ -401,7 +422,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
         with self._lock:
             return [
                 Loaded(
-                    r.entry.model_id,
+                    r.key,
                     r.gen,
                     r.program,
                     r.port,
@@ -424,6 +445,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
             }
 
     def serving_ids(self) -> set[str]:
+        """The keys of every serving worker (a model's replicas beyond its first included)."""
         with self._lock:
             return {m for m, r in self._records.items() if r.state in SERVING}
 
@@ -446,18 +468,21 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes):
         """Counts for ``GET /health``."""
         with self._lock:
             recs = list(self._records.values())
+            firsts = [self._records[m] for m in self._order]
+            serving = {r.entry.model_id for r in recs if r.state in SERVING}
             nodes = self._placeable()
             limits = [self._node_limits(slot) for slot in nodes]
             free = sum(v.free_ports for v in self._node_views())
             return {
-                "active_models": sum(1 for r in recs if r.state in SERVING),
+                "active_models": len(serving),
                 "loading_models": sum(1 for r in recs if r.state is State.WARMING),
-                "total_models": len(recs),
+                "total_models": len(firsts),
+                "workers": sum(1 for r in recs if r.state in OCCUPYING),
                 "total_memory_mb": round(sum(r.memory() for r in recs if r.state in OCCUPYING), 1),
                 "memory_limit_mb": sum(x[2] for x in limits),
                 "max_concurrent_models": sum(x[3] for x in limits),
                 "available_ports": free,
-                "failed_models": sum(1 for r in recs if r.state is State.FAILED),
+                "failed_models": sum(1 for r in firsts if r.state is State.FAILED),
                 "nodes": len(nodes),
                 "nodes_up": sum(1 for slot in nodes if slot.up),
             }

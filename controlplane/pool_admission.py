@@ -62,28 +62,39 @@ class Admission:
             model_id, timeout, manual=manual, wait=wait, hold=False, queue=queue, job=job
         )
 
-    def begin_request(self: PoolParts, model_id: str, timeout: float | None = None) -> Record:
+    def begin_request(
+        self: PoolParts,
+        model_id: str,
+        timeout: float | None = None,
+        avoid: frozenset[str] = frozenset(),
+    ) -> Record:
         """Load if needed and count a request as in flight, in one hold of the lock.
 
         Between "the model is HOT" and "a request is in flight" nothing can unload it: the
         reaper never expires a model with a request in flight, so a request can never race an
-        unload into a model that is going away. Pair with ``release``.
+        unload into a model that is going away. With several replicas, the request goes to
+        the serving one with the fewest in flight; the record returned is that replica's
+        (its ``key``). ``avoid``: replicas that just failed this request (a retry); with none
+        other serving, BackendDown. Pair with ``release``.
         """
-        return self._ensure(model_id, timeout, manual=False, wait=True, hold=True)
+        return self._ensure(model_id, timeout, manual=False, wait=True, hold=True, avoid=avoid)
 
-    def try_begin_request(self: PoolParts, model_id: str) -> tuple[str, int, int] | None:
+    def try_begin_request(
+        self: PoolParts, model_id: str, avoid: frozenset[str] = frozenset()
+    ) -> tuple[str, int, int, str] | None:
         """``begin_request`` for a model that is serving now, without waiting or raising:
-        (worker address, port, generation), or None when the request needs more (a load, a
-        wait, an error). Pair with ``release(model_id, gen, thread=False)``."""
+        (worker address, port, generation, replica key), or None when the request needs more
+        (a load, a wait, an error) or no replica but those in ``avoid`` serves. Pair with
+        ``release(model_id, gen, thread=False)``."""
         with self._lock:
-            rec = self._records.get(model_id)
-            if rec is None or rec.deleting or rec.state not in SERVING or rec.port is None:
+            rec = self._serving_replica(model_id, avoid)
+            if rec is None or rec.port is None:
                 return None
             # Relayed on the event loop, it holds none of the threads _held counts.
             rec.in_flight += 1
             self._count(rec)
             self.touch(rec, self.clock())
-            return self.address_of(rec.node), rec.port, rec.gen
+            return self.address_of(rec.node), rec.port, rec.gen, rec.key
 
     @contextmanager
     def acquire(self: PoolParts, model_id: str, timeout: float | None = None) -> Iterator[Record]:
@@ -104,10 +115,12 @@ class Admission:
         with self._lock:
             if thread:  # the thread is free whatever its generation
                 self._held = max(0, self._held - 1)
-            rec = self._records.get(model_id)
-            if rec is not None and rec.gen == gen and rec.in_flight > 0:
-                rec.in_flight -= 1
-                self.touch(rec, self.clock())
+            for rec in self._group(model_id):  # generations are unique across the pool
+                if rec.gen == gen:
+                    if rec.in_flight > 0:
+                        rec.in_flight -= 1
+                        self.touch(rec, self.clock())
+                    break
 
     def _ensure(
         self: PoolParts,
@@ -119,6 +132,7 @@ class Admission:
         hold: bool,
         queue: bool = True,
         job: Job | None = None,
+        avoid: frozenset[str] = frozenset(),
     ) -> Record:
         limit = self.settings.load_timeout_seconds if timeout is None else timeout
         began = time.monotonic()
@@ -134,6 +148,11 @@ class Admission:
             with self._lock:
                 while True:
                     rec = self._get(model_id)
+                    if avoid or model_id in self._extras:
+                        chosen = self._serving_replica(model_id, avoid)
+                        if chosen is None and avoid:
+                            raise self._no_other_replica(model_id)
+                        rec = chosen or rec
                     if rec.state in SERVING:
                         if hold:
                             if queued is None:
@@ -374,9 +393,9 @@ class Admission:
     def _start_load(self: PoolParts, rec: Record, adopt: bool) -> None:
         """Hand a WARMING model to the lifecycle (lock held); a failure to do so fails the load."""
         try:
-            self.lifecycle.start_load(rec.entry.model_id, rec.gen, adopt=adopt)
+            self.lifecycle.start_load(rec.key, rec.gen, adopt=adopt)
         except Exception as exc:
-            log.exception("could not start the load of %s", rec.entry.model_id)
+            log.exception("could not start the load of %s", rec.key)
             rec.last_error = f"could not start the load: {exc}"
             # Its program may exist: remove it before the port is reused.
             self._chore(rec, ChoreEvent.CLEANUP_FAILED)
@@ -416,7 +435,9 @@ class Admission:
         }
         pinned = {r.entry.port for r in self._records.values() if r.entry.port is not None}
         order = self._warmups()
-        req = PortRequest(rec.entry.model_id, rec.entry.port, order, pinned - {rec.entry.port})
+        # A pinned port is its first replica's; the others take any free one.
+        own = rec.entry.port if rec.replica == 1 else None
+        req = PortRequest(rec.key, own, order, pinned - {own})
         now = self.clock()
         avoid = {p for (n, p), until in self._avoid.items() if until > now and n == node}
         return choose_port(

@@ -19,6 +19,7 @@ from controlplane.core.states import OCCUPYING, SERVING, Event, State
 from controlplane.nodeconfig import LOCAL, NodeConfig
 from controlplane.pool_parts import PoolParts
 from controlplane.records import Record
+from controlplane.settings import IN_PROCESS_BACKENDS
 
 #: supervisord states of a worker that may be adopted.
 ADOPTABLE = frozenset({"STARTING", "RUNNING"})
@@ -110,8 +111,13 @@ class Nodes:
         return views
 
     def _place(self: PoolParts, rec: Record, need_mb: float) -> placement.Placement:
+        others = frozenset(
+            r.node
+            for r in self._group(rec.entry.model_id)
+            if r is not rec and r.node is not None and r.state in OCCUPYING
+        )
         want = placement.Want(
-            rec.entry.model_id,
+            rec.key,
             need_mb,
             rec.entry.nodes,
             rec.entry.labels,
@@ -121,6 +127,8 @@ class Nodes:
             self.settings.resident_load_multiple,
             self.settings.min_idle_seconds,
             self.settings.eviction_order,
+            others,
+            rec.entry.backend not in IN_PROCESS_BACKENDS,
         )
         return placement.place(
             self._node_views(), self._models_by_node(), want, self.settings.placement
@@ -218,7 +226,7 @@ class Nodes:
             # A worker that was serving (or loading) may be taken back if the node returns;
             # one that was being unloaded or cleaned up is left to the orphan sweep.
             slot.lost[rec.program] = LostWorker(
-                rec.entry.model_id, rec.port, rec.fingerprint, rec.gen, rec.deadline
+                rec.key, rec.port, rec.fingerprint, rec.gen, rec.deadline
             )
         rec.last_error = f"node {slot.name} lost: {error}"
         self._chore(rec, ChoreEvent.NODE_LOST)

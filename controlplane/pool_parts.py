@@ -13,17 +13,18 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from controlplane.core import placement, policy
+from controlplane.core import placement, policy, replicas
 from controlplane.core.chores import ChoreEvent
 from controlplane.core.jobs import Job
 from controlplane.core.states import Event, State
-from controlplane.errors import NoCapacity
+from controlplane.errors import BackendDown, NoCapacity
 from controlplane.records import Lifecycle, Record
 from controlplane.settings import Settings
 from controlplane.stats import PoolStats
 
 if TYPE_CHECKING:
     from controlplane.pool_nodes import NodeSlot
+    from controlplane.pool_replicas import Scaling
 
 
 class Ticket:
@@ -53,6 +54,8 @@ class PoolParts(Protocol):
     _changed: threading.Condition
     _records: dict[str, Record]
     _order: list[str]
+    _extras: dict[str, list[Record]]
+    _scaling: dict[str, Scaling]
     _nodes: dict[str, NodeSlot]
     _avoid: dict[tuple[str, int], float]
     _scheduled: set[str]
@@ -93,7 +96,9 @@ class PoolParts(Protocol):
         queue: bool = True,
         job: Job | None = None,
     ) -> Record: ...
-    def begin_request(self, model_id: str, timeout: float | None = None) -> Record: ...
+    def begin_request(
+        self, model_id: str, timeout: float | None = None, avoid: frozenset[str] = frozenset()
+    ) -> Record: ...
     def release(self, model_id: str, gen: int, thread: bool = True) -> None: ...
     def _ensure(
         self,
@@ -105,6 +110,7 @@ class PoolParts(Protocol):
         hold: bool,
         queue: bool = True,
         job: Job | None = None,
+        avoid: frozenset[str] = frozenset(),
     ) -> Record: ...
     def _enqueue(self, rec: Record) -> None: ...
     def _check_threads(self, rec: Record) -> None: ...
@@ -154,6 +160,22 @@ class PoolParts(Protocol):
     def _node_answers(self, rec: Record) -> bool: ...
     def _lose(self, rec: Record, slot: NodeSlot, error: str) -> None: ...
     def address_of(self, node: str | None) -> str: ...
+
+    # pool_replicas.py
+    def _group(self, model_id: str) -> list[Record]: ...
+    def _serving_replica(
+        self, model_id: str, avoid: frozenset[str] = frozenset()
+    ) -> Record | None: ...
+    def _no_other_replica(self, model_id: str) -> BackendDown: ...
+    def _limits(self, rec: Record) -> replicas.Limits: ...
+    def _scale_one(self, model_id: str, scaling: Scaling, now: float) -> tuple[str, str] | None: ...
+    def _scaled(
+        self, model_id: str, scaling: Scaling, now: float, way: replicas.Direction, why: str
+    ) -> tuple[str, str]: ...
+    def _scale_up(self, model_id: str, group: list[Record], maximum: int) -> str: ...
+    def _free_slot(self, model_id: str, group: list[Record], maximum: int) -> Record | None: ...
+    def _new_replica(self, model_id: str, k: int) -> Record: ...
+    def _drop_replica(self, rec: Record) -> None: ...
 
     # pool_leases.py
     def _lapse_leases(self, now: float) -> None: ...

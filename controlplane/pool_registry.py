@@ -46,10 +46,10 @@ class Registry:
         """A registry entry changed: keep the model's state; ``reload_changed`` decides whether
         its worker must be replaced. A permanent load failure may be retried with the new one."""
         with self._lock:
-            rec = self._get(entry.model_id)
-            rec.entry = entry
-            if rec.state is State.FAILED and rec.retry_at == math.inf:
-                rec.retry_at = 0.0
+            for rec in self._group(self._get(entry.model_id).key):
+                rec.entry = entry
+                if rec.state is State.FAILED and rec.retry_at == math.inf:
+                    rec.retry_at = 0.0
             self._refit_deadlines()
             self._changed.notify_all()
         self.on_change()
@@ -57,15 +57,18 @@ class Registry:
     def mark_deleting(self: PoolParts, model_id: str) -> Record:
         """Hide a model from new requests; unload it if loaded. Conflict while WARMING."""
         with self._lock:
-            rec = self._get(model_id)
-            if rec.state is State.WARMING:
+            first = self._get(model_id)
+            group = self._group(model_id)
+            if any(r.state is State.WARMING for r in group):
                 raise Conflict(f"model {model_id!r} is loading; delete it once it is HOT")
-            rec.deleting = True
-            if rec.state in SERVING:
-                self._begin_unload(rec, Event.UNLOAD_REQUESTED, "deleted")
-            elif rec.state is not State.UNLOADING and not rec.busy:  # no job left to report
-                self._drop(rec)
-            return replace(rec)
+            self._scaling.pop(model_id, None)
+            for rec in reversed(group):  # its first replica last: it holds the model's name
+                rec.deleting = True
+                if rec.state in SERVING:
+                    self._begin_unload(rec, Event.UNLOAD_REQUESTED, "deleted")
+                elif rec.state is not State.UNLOADING and not rec.busy:  # no job to report
+                    self._drop(rec)
+            return replace(first)
 
     def wait_dropped(self: PoolParts, model_id: str, timeout: float) -> bool:
         limit = time.monotonic() + timeout
@@ -75,8 +78,11 @@ class Registry:
             return model_id not in self._records
 
     def _drop(self: PoolParts, rec: Record) -> None:
-        self._records.pop(rec.entry.model_id, None)
-        self._order.remove(rec.entry.model_id)
+        self._records.pop(rec.key, None)
+        if rec.replica == 1:
+            self._order.remove(rec.key)
+        else:
+            self._drop_replica(rec)
         self._changed.notify_all()
 
     def set_settings(self: PoolParts, settings: Settings) -> None:

@@ -50,8 +50,9 @@ class Ttl:
         with self._lock:
             now_in = {
                 m
-                for m, r in self._records.items()
-                if r.entry.schedule and schedule.active(r.windows, weekday, minute)
+                for m in self._order
+                if (r := self._records[m]).entry.schedule
+                and schedule.active(r.windows, weekday, minute)
             }
             if now_in != self._scheduled:
                 self._scheduled = now_in
@@ -77,7 +78,8 @@ class Ttl:
 
     def ttl_minutes(self: PoolParts, rec: Record) -> float:
         """The model's effective TTL (0: never expires)."""
-        warm = rec.entry.model_id in self._kept()
+        # A warmup model keeps its ``min`` replicas; the others expire as any model does.
+        warm = rec.entry.model_id in self._kept() and rec.replica <= rec.entry.min_replicas
         return policy.effective_ttl_minutes(rec.entry.ttl_minutes, warm, self._bounds())
 
     def _bounds(self: PoolParts) -> policy.TtlBounds:

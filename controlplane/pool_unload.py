@@ -36,9 +36,11 @@ class Unloading:
         wait: bool = False,
         reason: str = "manual",
     ) -> Record:
-        """Unload a loaded model (HOT/COOLING → UNLOADING → COLD).
+        """Unload a loaded model (HOT/COOLING → UNLOADING → COLD), every replica of it.
 
-        COLD and UNLOADING are answered as they are; WARMING and FAILED are a Conflict.
+        COLD and UNLOADING are answered as they are; WARMING and FAILED are a Conflict (unless
+        another replica of the model was unloaded). Returns the first replica's record, or the
+        record of another one that was unloaded when the first was not loaded.
         """
         with self._lock:
             rec = self._get(model_id)
@@ -50,6 +52,14 @@ class Unloading:
                         "force: true unloads it anyway and ends them"
                     )
                 rec.leases = {}
+            others = [r for r in self._group(model_id)[1:] if r.state in OCCUPYING]
+            for other in others:
+                if other.state in SERVING:
+                    self._begin_unload(other, Event.UNLOAD_REQUESTED, reason, force=force)
+                elif other.state is State.UNLOADING and force:
+                    self.lifecycle.hurry(other.key, other.gen)
+            if others and rec.state not in OCCUPYING:
+                rec = others[0]  # the model's answer is a replica that was loaded
             if rec.state in SERVING:
                 self._begin_unload(rec, Event.UNLOAD_REQUESTED, reason, force=force)
             elif rec.state is State.WARMING:
@@ -60,10 +70,12 @@ class Unloading:
                 )
             elif rec.state is State.UNLOADING and force:
                 # Quick shutdown of a worker that is draining; its stop job is still running.
-                self.lifecycle.hurry(model_id, rec.gen)
+                self.lifecycle.hurry(rec.key, rec.gen)
             if wait:
                 limit = time.monotonic() + self.settings.graceful_shutdown_seconds + 30
-                while rec.state is State.UNLOADING and time.monotonic() < limit:
+                while time.monotonic() < limit and any(
+                    r.state is State.UNLOADING for r in (rec, *others)
+                ):
                     self._changed.wait(1.0)
             return replace(rec)
 
@@ -83,9 +95,9 @@ class Unloading:
         due and the reaper's next pass (``retry_stop``) starts it again.
         """
         try:
-            self.lifecycle.start_stop(rec.entry.model_id, rec.gen, force=force)
+            self.lifecycle.start_stop(rec.key, rec.gen, force=force)
         except Exception:
-            log.exception("could not start the stop of %s; the reaper retries", rec.entry.model_id)
+            log.exception("could not start the stop of %s; the reaper retries", rec.key)
             self._chore(rec, ChoreEvent.STOP_FAILED)
             return
         self._chore(rec, ChoreEvent.STOP_STARTED)
@@ -177,9 +189,9 @@ class Unloading:
     def _start_cleanup(self: PoolParts, rec: Record) -> None:
         """Start removing a FAILED model's worker (lock held); if it cannot start, retry later."""
         try:
-            self.lifecycle.start_cleanup(rec.entry.model_id, rec.gen)
+            self.lifecycle.start_cleanup(rec.key, rec.gen)
         except Exception:
-            log.exception("could not start the cleanup of %s", rec.entry.model_id)
+            log.exception("could not start the cleanup of %s", rec.key)
             self._chore(rec, ChoreEvent.CLEANUP_FAILED)
             return
         self._chore(rec, ChoreEvent.CLEANUP_STARTED)

@@ -166,6 +166,7 @@ class Reaper:
         for model_id in self.pool.reload_changed():
             log.info("model=%s serves an outdated spec: draining and reloading", model_id)
         self.pool.expire(self.clock())
+        self.pool.scale_replicas()
         self.save()
         self.last_tick = self.clock()
         self.after_tick()

@@ -42,6 +42,11 @@ class Record:
 
     entry: ModelEntry
     program: str
+    #: Its key in the pool: the model id for a model's first replica, ``model#k`` for its
+    #: replica ``k`` >= 2 (``#`` is not allowed in model ids). Lifecycle calls name it.
+    key: str = ""
+    #: Which replica of the model this worker is (1: the one loaded on demand).
+    replica: int = 1
     state: State = State.COLD
     since: float = 0.0
     #: Bumped on every load; work started for an older generation is ignored.
@@ -99,6 +104,14 @@ class Record:
     leases: dict[str, Lease] = field(default_factory=dict)
     history: deque[Transition] = field(default_factory=lambda: deque(maxlen=20))
 
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = replica_key(self.entry.model_id, self.replica)
+
+    @property
+    def model_id(self) -> str:
+        return self.entry.model_id
+
     @property
     def windows(self) -> tuple[Window, ...]:
         return self.entry.windows()
@@ -133,6 +146,11 @@ class Record:
         if self.estimate_mb is not None:
             return self.estimate_mb
         return float(self.entry.memory_mb or 0.0)
+
+
+def replica_key(model_id: str, replica: int) -> str:
+    """The pool's key of replica ``replica`` of ``model_id``."""
+    return model_id if replica == 1 else f"{model_id}#{replica}"
 
 
 class Lifecycle:

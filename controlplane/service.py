@@ -193,7 +193,7 @@ class PoolService:
 
     def _withdraw_before_stop(self, model_id: str) -> None:
         """Deregister before the worker drains (bounded: the registry never holds a stop up)."""
-        if self.announcer is not None:
+        if self.announcer is not None and "#" not in model_id:  # replicas k >= 2: not announced
             self.announcer.withdraw(model_id).wait(2.0)
 
     def _after_cancel(self, rec: Record, old: State, new: State) -> None:
@@ -211,6 +211,8 @@ class PoolService:
     def _tell_registry(self, rec: Record, old: State, new: State) -> None:
         """Keep the service registry in line with a transition (called under the pool lock)."""
         assert self.announcer is not None
+        if rec.replica != 1:
+            return  # the registry names one endpoint per model: its first replica's
         model_id = rec.entry.model_id
         if new is State.HOT and rec.port is not None:
             endpoint = f"http://{self.pool.address_of(rec.node)}:{rec.port}"

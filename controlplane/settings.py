@@ -185,6 +185,21 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting("placement", check_choice(STRATEGIES), "spread (most free memory) or pack"),
     Setting(
+        "scale_up_in_flight",
+        check_range(0.1, 1e6),
+        "requests in flight per serving replica that count as busy (replicas.max > 1)",
+    ),
+    Setting(
+        "scale_up_seconds",
+        check_range(0.1, DAY_SECONDS),
+        "busy this long adds a replica; also the least time between two scale changes",
+    ),
+    Setting(
+        "scale_down_idle_minutes",
+        check_range(0, YEAR_MINUTES),
+        "a replica beyond replicas.min idle this long is drained and unloaded",
+    ),
+    Setting(
         "public_paths", check_paths, "paths that need no api_key; a trailing * matches a prefix"
     ),
 )
@@ -231,6 +246,9 @@ class Settings:
     local_node: bool = True
     node_timeout_seconds: float = 10.0
     placement: str = "spread"
+    scale_up_in_flight: float = 4.0
+    scale_up_seconds: float = 5.0
+    scale_down_idle_minutes: float = 2.0
     public_paths: tuple[str, ...] = (
         "/health",
         "/health/live",
@@ -327,6 +345,16 @@ class ModelEntry:
     nodes: tuple[str, ...] = ()
     #: Labels a node must carry to take the model.
     labels: tuple[str, ...] = ()
+    #: Workers serving it: (min, max) from ``replicas: {min, max}``; (1, 1) is one worker.
+    replicas: tuple[int, int] = (1, 1)
+
+    @property
+    def min_replicas(self) -> int:
+        return self.replicas[0]
+
+    @property
+    def max_replicas(self) -> int:
+        return self.replicas[1]
 
     def windows(self) -> tuple[Window, ...]:
         return tuple(parse_window(f"schedule[{i}]", w) for i, w in enumerate(self.schedule))
@@ -338,6 +366,8 @@ class ModelEntry:
         data["labels"] = list(self.labels)
         data["options"] = dict(self.options)
         data["schedule"] = [dict(w) for w in self.schedule]
+        low, high = self.replicas
+        data["replicas"] = {} if self.replicas == (1, 1) else {"min": low, "max": high}
         return {k: v for k, v in data.items() if v not in (None, "", [], {}) or k == "model_id"}
 
 
@@ -427,7 +457,29 @@ def parse_entry(raw: Any, where: str = "model") -> ModelEntry:
         except ScheduleError as exc:
             raise ConfigError(str(exc)) from None
         values["schedule"] = tuple(dict(w) for w in windows)
+    if raw.get("replicas") is not None:
+        values["replicas"] = check_replicas(k("replicas"), raw["replicas"])
     return ModelEntry(**values)
+
+
+#: The most workers one model may have.
+MAX_REPLICAS: Final = 32
+
+
+def check_replicas(key: str, value: Any) -> tuple[int, int]:
+    """``{min, max}``: 1 <= min <= max <= MAX_REPLICAS (either may be left out: 1)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: {value!r} is not a mapping like {{min: 1, max: 3}}")
+    for name in value:
+        if name not in ("min", "max"):
+            raise ConfigError(f"{key}.{name}: unknown key (expected min, max)")
+    low = check_number(f"{key}.min", value.get("min", 1), minimum=1, integer=True)
+    high = check_number(f"{key}.max", value.get("max", max(1, low)), minimum=1, integer=True)
+    if high > MAX_REPLICAS:
+        raise ConfigError(f"{key}.max: {high} is more than {MAX_REPLICAS}")
+    if low > high:
+        raise ConfigError(f"{key}.min: {low} is above max {high}")
+    return int(low), int(high)
 
 
 def resolve_model_path(path: str) -> str:

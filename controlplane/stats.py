@@ -29,7 +29,10 @@ UNLOAD_REASONS: Final = (
     "config_changed",
     "memory",
     "cancelled",
+    "scale_down",
 )
+#: Directions of a change in a model's replica count.
+SCALE_DIRECTIONS: Final = ("up", "down")
 
 
 @dataclass
@@ -71,6 +74,8 @@ class PoolStats:
         self.drift: dict[str, int] = defaultdict(int)
         self.load_duration: dict[str, Histogram] = defaultdict(Histogram)
         self.load_wait: dict[str, Histogram] = defaultdict(Histogram)
+        #: Replicas added or drained by scaling, by (model, direction).
+        self.scale_events: dict[tuple[str, str], int] = defaultdict(int)
 
     def loaded(self, model: str, seconds: float) -> None:
         with self._lock:
@@ -86,6 +91,10 @@ class PoolStats:
         reason = reason if reason in UNLOAD_REASONS else "manual"
         with self._lock:
             self.unloads[(model, reason)] += 1
+
+    def scaled(self, model: str, direction: str) -> None:
+        with self._lock:
+            self.scale_events[(model, direction)] += 1
 
     def refused(self, model: str) -> None:
         with self._lock:
@@ -108,6 +117,7 @@ class PoolStats:
             copy.unloads.update(self.unloads)
             copy.capacity_refusals.update(self.capacity_refusals)
             copy.drift.update(self.drift)
+            copy.scale_events.update(self.scale_events)
             for src, dst in (
                 (self.load_duration, copy.load_duration),
                 (self.load_wait, copy.load_wait),

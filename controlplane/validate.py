@@ -13,7 +13,9 @@ HOST_RE: Final = re.compile(r"^[A-Za-z0-9.:-]+$")
 MODEL_ID_MAX: Final = 200
 MODEL_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 #: A model id may not end in one of these after a '/': /models/<id>/<segment> is a route.
-RESERVED_LAST_SEGMENTS: Final = frozenset({"health", "load", "unload", "extend-ttl", "leases"})
+RESERVED_LAST_SEGMENTS: Final = frozenset(
+    {"health", "load", "unload", "extend-ttl", "leases", "scale"}
+)
 
 
 class ConfigError(ValueError):

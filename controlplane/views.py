@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from controlplane.core.states import OCCUPYING, SERVING, State
 from controlplane.records import Record
+
+if TYPE_CHECKING:
+    from controlplane.pool_replicas import Scaling
 
 
 def model_view(
@@ -46,9 +50,7 @@ def model_view(
         "memory_source": "measured" if rec.measured_mb is not None else "estimate",
         "requests": rec.requests,
         "in_flight": rec.total_in_flight,
-        "leases": [
-            lease.view() for lease in sorted(rec.leases.values(), key=lambda x: x.created_at)
-        ],
+        "leases": leases_view(rec),
         "loaded_at": rec.loaded_at if loaded else None,
         "last_used": rec.last_used or None,
         "last_error": rec.last_error,
@@ -61,4 +63,54 @@ def model_view(
         "retryable": rec.retry_at != math.inf,
         "priority": rec.entry.priority,
         "tags": list(rec.entry.tags),
+    }
+
+
+def leases_view(rec: Record) -> list[dict[str, Any]]:
+    return [lease.view() for lease in sorted(rec.leases.values(), key=lambda x: x.created_at)]
+
+
+def replicas_view(
+    group: list[Record],
+    hosts: Mapping[str, str],
+    bounds: tuple[int, int],
+    scaling: Scaling | None,
+) -> dict[str, Any]:
+    """A model's replicas for ``GET /models``: each one, and the model's counts summed over
+    them (``group``: its replicas, first one first)."""
+    low, high = bounds
+    loaded = [r for r in group if r.state in OCCUPYING]
+    return {
+        "requests": sum(r.requests for r in group),
+        "in_flight": sum(r.total_in_flight for r in group),
+        "memory_mb": round(sum(r.memory() for r in loaded), 1),
+        "replicas": [
+            {
+                "replica": r.replica,
+                "key": r.key,
+                "state": r.state.value,
+                "node": r.node if r.state in OCCUPYING else None,
+                "port": r.port,
+                "endpoint": f"http://{hosts[r.key]}:{r.port}"
+                if r.port and r.state in SERVING
+                else None,
+                "pid": r.pid if r.state in OCCUPYING else None,
+                "program": r.program,
+                "in_flight": r.total_in_flight,
+                "requests": r.requests,
+                "memory_mb": round(r.memory(), 1) if r.state in OCCUPYING else 0.0,
+                "last_used": r.last_used or None,
+                "last_error": r.last_error,
+            }
+            for r in group
+            if r.replica == 1 or r.state is not State.COLD
+        ],
+        "replica_counts": {
+            "serving": sum(1 for r in group if r.state in SERVING),
+            "loaded": len(loaded),
+            "min": low,
+            "max": high,
+            "pinned": None if scaling is None else scaling.pinned,
+            "blocked": None if scaling is None or not scaling.blocked else scaling.blocked,
+        },
     }

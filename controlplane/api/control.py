@@ -137,6 +137,22 @@ def extend_ttl(model_id: str) -> Response:
     return jsonify(view)
 
 
+@bp.post("/models/<path:model_id>/scale")
+def scale(model_id: str) -> Response:
+    """Pin the model's replica count (``{"replicas": N}``, within its min..max) or give it back
+    to scaling by load (``{"replicas": null}``)."""
+    data = body(optional=False)
+    if "replicas" not in data:
+        raise InvalidInput("replicas: missing (expected a count of replicas, or null)")
+    count = data["replicas"]
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+        raise InvalidInput(f"replicas: {count!r} is not an integer (or null)")
+    pool = service().pool
+    pool.pin_replicas(model_id, count)
+    pool.scale_replicas()  # the first step at once, not at the reaper's next pass
+    return jsonify(pool.describe(pool.record(model_id)))
+
+
 @bp.get("/models/<path:model_id>")
 def get_model(model_id: str) -> Response:
     pool = service().pool

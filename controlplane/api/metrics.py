@@ -22,9 +22,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_flask_exporter import PrometheusMetrics
 
-from controlplane.core.states import OCCUPYING, State
+from controlplane.core.states import OCCUPYING, SERVING, State
+from controlplane.pool_replicas import best
+from controlplane.records import Record
 from controlplane.service import PoolService
-from controlplane.stats import LOAD_FAILURE_REASONS, UNLOAD_REASONS, Histogram
+from controlplane.stats import LOAD_FAILURE_REASONS, SCALE_DIRECTIONS, UNLOAD_REASONS, Histogram
 
 MB = 1024 * 1024
 
@@ -36,6 +38,45 @@ def _histogram(name: str, doc: str, data: dict[str, Histogram]) -> HistogramMetr
     return fam
 
 
+def _replicas(groups: list[list[Record]]) -> Iterator[Metric]:
+    """Per model, its replica counts; per replica (``replica`` is its number), its state,
+    node, requests in flight and served, and memory."""
+    counts = GaugeMetricFamily(
+        "modelpool_model_replicas",
+        "Replicas per model: serving, loaded (any state but COLD/FAILED), and its max",
+        labels=["model", "kind"],
+    )
+    state = GaugeMetricFamily(
+        "modelpool_replica_state",
+        "1 for the state each replica is in (replicas that ever ran)",
+        labels=["model", "replica", "state"],
+    )
+    in_flight = GaugeMetricFamily(
+        "modelpool_replica_in_flight_requests",
+        "Requests in flight per replica (front door and direct port)",
+        labels=["model", "replica"],
+    )
+    requests = CounterMetricFamily(
+        "modelpool_replica_requests", "Requests served per replica", labels=["model", "replica"]
+    )
+    memory = GaugeMetricFamily(
+        "modelpool_replica_memory_bytes", "Memory held per replica", labels=["model", "replica"]
+    )
+    for group in groups:
+        m = group[0].entry.model_id
+        counts.add_metric([m, "serving"], sum(1 for r in group if r.state in SERVING))
+        counts.add_metric([m, "loaded"], sum(1 for r in group if r.state in OCCUPYING))
+        counts.add_metric([m, "max"], group[0].entry.max_replicas)
+        for r in group:
+            k = str(r.replica)
+            for st in State:
+                state.add_metric([m, k, st.value], 1.0 if r.state is st else 0.0)
+            in_flight.add_metric([m, k], r.total_in_flight)
+            requests.add_metric([m, k], r.requests)
+            memory.add_metric([m, k], r.memory() * MB if r.state in OCCUPYING else 0.0)
+    yield from (counts, state, in_flight, requests, memory)
+
+
 class PoolCollector(Collector):
     """Reads the pool when Prometheus scrapes."""
 
@@ -45,7 +86,9 @@ class PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         pool = self.svc.pool
         now = pool.clock()
-        records = pool.records()
+        groups = pool.groups()
+        # A model shows its best replica's state; its counts are its replicas' summed.
+        records = [best(g) for g in groups]
         by_state = GaugeMetricFamily(
             "modelpool_models", "Registered models by state", labels=["state"]
         )
@@ -75,19 +118,20 @@ class PoolCollector(Collector):
             "Seconds until a loaded model's TTL deadline (absent: never expires)",
             labels=["model"],
         )
-        for r in records:
+        for r, group in zip(records, groups, strict=True):
             m = r.entry.model_id
             for st in State:
                 state.add_metric([m, st.value], 1.0 if r.state is st else 0.0)
             since.add_metric([m], max(0.0, now - r.since) if r.since else 0.0)
-            requests.add_metric([m], r.requests)
-            in_flight.add_metric([m], r.total_in_flight)
-            leases.add_metric([m], len(r.leases))
-            memory.add_metric([m], r.memory() * MB if r.state in OCCUPYING else 0.0)
+            requests.add_metric([m], sum(x.requests for x in group))
+            in_flight.add_metric([m], sum(x.total_in_flight for x in group))
+            leases.add_metric([m], len(group[0].leases))
+            memory.add_metric([m], sum(x.memory() * MB for x in group if x.state in OCCUPYING))
             if r.state in (State.HOT, State.COOLING) and r.deadline is not None:
                 ttl.add_metric([m], max(0.0, r.deadline - now))
         yield from (state, since, requests, in_flight, leases, memory, ttl)
-        yield from self._nodes(records)
+        yield from _replicas(groups)
+        yield from self._nodes([x for g in groups for x in g])
         yield from self._lifecycle()
         summary = pool.summary()
         gauges = (
@@ -150,12 +194,16 @@ class PoolCollector(Collector):
             slots.add_metric([n["name"]], n["max_concurrent_models"])
         placed = GaugeMetricFamily(
             "modelpool_model_node",
-            "1 for the node each loaded model's worker runs on",
+            "Workers (replicas) of each loaded model on each node",
             labels=["model", "node"],
         )
+        where: dict[tuple[str, str], int] = {}
         for r in records:
             if r.state in OCCUPYING and r.node is not None:
-                placed.add_metric([r.entry.model_id, r.node], 1.0)
+                at = (r.entry.model_id, r.node)
+                where[at] = where.get(at, 0) + 1
+        for at, count in sorted(where.items()):
+            placed.add_metric(list(at), float(count))
         yield from (up, used, limit, models, slots, placed)
 
     def _lifecycle(self) -> Iterator[Metric]:
@@ -186,7 +234,15 @@ class PoolCollector(Collector):
                 failures.add_metric([model, reason], st.load_failures.get((model, reason), 0))
             for reason in UNLOAD_REASONS:
                 unloads.add_metric([model, reason], st.unloads.get((model, reason), 0))
-        yield from (loads, failures, unloads, refusals, drift)
+        scale = CounterMetricFamily(
+            "modelpool_scale_events",
+            "Replicas added (up) or drained (down) by scaling",
+            labels=["model", "direction"],
+        )
+        for model in models:
+            for direction in SCALE_DIRECTIONS:
+                scale.add_metric([model, direction], st.scale_events.get((model, direction), 0))
+        yield from (loads, failures, unloads, refusals, drift, scale)
         known = set(models)
         yield _histogram(
             "modelpool_load_duration_seconds",

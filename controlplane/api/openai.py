@@ -44,23 +44,30 @@ def _relay(path: str) -> Response:
     raw = request.get_data(cache=False)
     model = _model_of(raw)
     proxy: WorkerProxy = current_app.extensions[PROXY_EXT]
-    rec = svc.pool.begin_request(model)  # waits for a load; counts the request in flight
-    try:
-        headers = {
-            "Content-Type": "application/json",
-            VIA_HEADER: "frontdoor",
-            "Accept": request.headers.get("Accept", "*/*"),
-        }
-        if svc.pool.settings.api_key:
-            headers["Authorization"] = f"Bearer {svc.pool.settings.api_key}"
-        assert rec.port is not None
-        resp, done = proxy.send(svc.pool.address_of(rec.node), rec.port, "POST", path, raw, headers)
-    except WorkerUnreachable as exc:
-        svc.pool.release(model, rec.gen)
-        raise BackendDown(f"model {model!r}: {exc}", retry_after=2) from None
-    except BaseException:
-        svc.pool.release(model, rec.gen)
-        raise
+    headers = {
+        "Content-Type": "application/json",
+        VIA_HEADER: "frontdoor",
+        "Accept": request.headers.get("Accept", "*/*"),
+    }
+    if svc.pool.settings.api_key:
+        headers["Authorization"] = f"Bearer {svc.pool.settings.api_key}"
+    failed: frozenset[str] = frozenset()
+    while True:
+        # Waits for a load; counts the request in flight on the replica it goes to.
+        rec = svc.pool.begin_request(model, avoid=failed)
+        try:
+            assert rec.port is not None
+            host = svc.pool.address_of(rec.node)
+            resp, done = proxy.send(host, rec.port, "POST", path, raw, headers)
+            break
+        except WorkerUnreachable as exc:
+            svc.pool.release(model, rec.gen)
+            if failed or not svc.pool.other_replica_serves(model, rec.key):
+                raise BackendDown(f"model {model!r}: {exc}", retry_after=2) from None
+            failed = frozenset({rec.key})  # once more, on another replica
+        except BaseException:
+            svc.pool.release(model, rec.gen)
+            raise
     relay = Relay(resp, done, lambda: svc.pool.release(model, rec.gen))
     out = Response(relay, status=resp.status, content_type=resp.getheader("Content-Type"))
     for name in ("Retry-After", "Cache-Control", "X-Accel-Buffering"):

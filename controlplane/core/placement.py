@@ -4,7 +4,8 @@ Placement first filters the nodes that may take the model at all (UP, a free por
 ``nodes`` pin and ``labels``), then asks ``policy.plan_capacity`` of each: a node where the model
 fits now wins over one where it fits once idle models are evicted. Among equals the score
 decides: a node that holds no replica of the model yet comes first (replicas of one model go
-to different nodes, each with its own Ollama or GPU); then ``spread`` (the default) takes the
+to different nodes, each with its own Ollama or GPU; with ``exclusive``, as for backends outside
+the worker, such a node may not take it at all); then ``spread`` (the default) takes the
 node with the most free memory, ``pack`` the one with the least that still fits, so that whole
 nodes stay free; ties go to the fewest models, then to the node listed first.
 """
@@ -51,6 +52,9 @@ class Want:
     order: str = "cost"
     #: Nodes that already hold a replica of the model (placed last).
     replica_nodes: frozenset[str] = frozenset()
+    #: Replicas must not share a node (a backend outside the worker, e.g. Ollama, is one per
+    #: node: a second worker would share it, and its unload would unload the other's model).
+    exclusive: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ def eligible(node: NodeView, want: Want) -> str | None:
         return f"lacks label(s) {', '.join(missing)}"
     if not node.up:
         return "DOWN"
+    if want.exclusive and node.name in want.replica_nodes:
+        return "holds a replica of the model already"
     if node.free_ports <= 0:
         return "no free port"
     return None
