@@ -171,7 +171,7 @@ def test_a_retry_avoids_the_replica_that_failed() -> None:
     busy(pool, now, 4)
     pool.scale_replicas()
     ready(pool, jobs)
-    host, port, gen, key = pool.try_begin_request("m") or ("", 0, 0, "")
+    key = (pool.try_begin_request("m") or ("", 0, 0, ""))[3]
     retry = pool.try_begin_request("m", frozenset({key}))
     assert retry is not None and retry[3] != key
     assert pool.begin_request("m", avoid=frozenset({key})).key == retry[3]
