@@ -73,6 +73,10 @@ def _status_table(data: dict[str, Any]) -> str:
     nodes = any(m.get("node") not in (None, "local") for m in data["models"])
     if nodes:
         rows[0].insert(2, "NODE")
+    # With replicas, a REPLICAS column: serving/max ("2/3"), "pinned N" when set by hand.
+    many = any((m.get("replica_counts") or {}).get("max", 1) > 1 for m in data["models"])
+    if many:
+        rows[0].insert(2, "REPLICAS")
     for m in data["models"]:
         warm = "warmup" if m["warmup"] else ("window" if m.get("scheduled_now") else "")
         if not warm and m.get("schedule"):
@@ -81,6 +85,7 @@ def _status_table(data: dict[str, Any]) -> str:
             [
                 m["model_id"],
                 m["state"],
+                *([_replicas(m)] if many else []),
                 *([m.get("node") or "-"] if nodes else []),
                 str(m["port"] or "-"),
                 f"{m['memory_mb']:.0f} MB" if m["memory_mb"] else "-",
@@ -93,6 +98,13 @@ def _status_table(data: dict[str, Any]) -> str:
             ]
         )
     return table(rows)
+
+
+def _replicas(m: dict[str, Any]) -> str:
+    """``serving/max`` of a model's replicas, and its pinned count if any."""
+    counts = m.get("replica_counts") or {}
+    text = f"{counts.get('serving', 0)}/{counts.get('max', 1)}"
+    return text if counts.get("pinned") is None else f"{text} pinned {counts['pinned']}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -206,6 +218,22 @@ def cmd_unload(args: argparse.Namespace) -> int:
     )
     print(f"{args.model}: {m['state']}")
     return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    api = api_for(args)
+    count = None if args.replicas == "auto" else _count(args.replicas)
+    m = api.call("POST", f"/models/{mid(args.model)}/scale", {"replicas": count})
+    how = "scaled by load" if count is None else f"pinned at {count}"
+    print(f"{args.model}: {how}, {_replicas(m)} serving")
+    return 0
+
+
+def _count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"replicas: {text!r} is not a count (or auto)") from None
 
 
 def cmd_extend_ttl(args: argparse.Namespace) -> int:
@@ -323,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--force", action="store_true", help="skip the drain")
     s.set_defaults(fn=cmd_unload)
+    s = add("scale", help="pin a model's replica count (within its min..max), or auto")
+    s.add_argument("model")
+    s.add_argument("replicas", help="a count of replicas, or auto (scaled by load again)")
+    s.set_defaults(fn=cmd_scale)
     s = add("extend-ttl", help="move a model's TTL deadline")
     s.add_argument("model")
     s.add_argument("minutes", type=float)

@@ -20,7 +20,7 @@ from controlplane.core.chores import Chore
 from controlplane.core.replicas import Direction, ReplicaView
 from controlplane.core.slug import program_name
 from controlplane.core.states import OCCUPYING, SERVING, Event, State
-from controlplane.errors import BackendDown, Conflict, InvalidInput, LoadFailed, NoCapacity
+from controlplane.errors import BackendDown, Conflict, LoadFailed, NoCapacity
 from controlplane.pool_parts import PoolParts
 from controlplane.records import Record, replica_key
 
@@ -259,7 +259,8 @@ class Replicas:
             rec = self._get(model_id)
             low, high = rec.entry.replicas
             if count is not None and not low <= count <= high:
-                raise InvalidInput(
+                # A well-formed count this entry does not allow (a PUT may widen its bounds).
+                raise Conflict(
                     f"replicas: {count} is outside model {model_id!r}'s replicas "
                     f"min..max ({low}..{high})"
                 )

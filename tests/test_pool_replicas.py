@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from controlplane.core.states import State
-from controlplane.errors import BackendDown, InvalidInput
+from controlplane.errors import BackendDown, Conflict
 from controlplane.nodeconfig import NodeConfig
 from controlplane.pool import ModelPool
 from controlplane.settings import ModelEntry, parse_settings
@@ -200,7 +200,7 @@ def test_a_pinned_count_steps_there_and_is_checked() -> None:
     pool, jobs, now = make(entry())
     pool.ensure_loaded("m", wait=False)
     ready(pool, jobs)
-    with pytest.raises(InvalidInput, match=r"outside model 'm''s replicas min..max \(1..3\)"):
+    with pytest.raises(Conflict, match=r"outside model 'm''s replicas min..max \(1..3\)"):
         pool.pin_replicas("m", 4)
     pool.pin_replicas("m", 3)
     assert pool.scale_replicas()[0][1:] == ("up", "pinned at 3")

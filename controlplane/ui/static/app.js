@@ -346,6 +346,8 @@
     row.name = el("div", { class: "model-name" });
     row.meta = el("div", { class: "model-meta" });
     row.badge = el("span", { class: "badge" });
+    // Replicas of a model with replicas.max > 1: "serving/max", each replica in the title.
+    row.replicas = el("span", { class: "replicas mono", dataset: { field: "replicas" }, hidden: true });
     row.endpoint = el("td", { dataset: { field: "endpoint" } });
     row.ttl = el("td", { class: "ttl", dataset: { field: "ttl" } });
     row.inFlight = el("td", { class: "num", dataset: { field: "in_flight" } });
@@ -385,7 +387,7 @@
       "tr",
       { dataset: { model: id } },
       el("td", { class: "model-cell", dataset: { field: "model" } }, row.name, row.meta, row.job),
-      el("td", { dataset: { field: "state" } }, row.badge),
+      el("td", { dataset: { field: "state" } }, row.badge, row.replicas),
       row.endpoint,
       row.ttl,
       row.inFlight,
@@ -411,6 +413,20 @@
       )
     );
     return row;
+  }
+
+  function renderReplicas(row, m) {
+    const counts = m.replica_counts || {};
+    const many = (counts.max || 1) > 1;
+    row.replicas.hidden = !many;
+    if (!many) return;
+    const pinned = counts.pinned === null || counts.pinned === undefined ? "" : ` · pinned ${counts.pinned}`;
+    row.replicas.textContent = `${counts.serving || 0}/${counts.max}${pinned}`;
+    const lines = (m.replicas || []).map(
+      (r) => `#${r.replica} ${r.state}${r.node ? " on " + r.node : ""}${r.port ? ":" + r.port : ""} · ${r.in_flight} in flight`
+    );
+    if (counts.blocked) lines.push(`scale-up waits: ${counts.blocked}`);
+    row.replicas.title = `replicas serving/max (min ${counts.min})\n` + lines.join("\n");
   }
 
   function updateRow(row, m, receivedAt) {
@@ -447,6 +463,7 @@
       title += ` · automatic retry in ${Math.ceil(m.retry_after_seconds)}s`;
     }
     row.badge.title = title;
+    renderReplicas(row, m);
 
     if (m.endpoint && /^https?:\/\//.test(m.endpoint)) {
       row.endpoint.replaceChildren(
