@@ -326,7 +326,11 @@ class Admission:
         self._waiting -= 1
 
     def _try_start(
-        self: PoolParts, rec: Record, manual: bool, ahead: frozenset[str] = frozenset()
+        self: PoolParts,
+        rec: Record,
+        manual: bool,
+        ahead: frozenset[str] = frozenset(),
+        reason: str = "",
     ) -> int | None:
         """Start loading ``rec`` if capacity allows (lock held); None if it must wait first.
 
@@ -380,7 +384,7 @@ class Admission:
         self._new_generation(rec)
         rec.last_error = None
         rec.restore_deadline = None
-        self._apply(rec, Event.LOAD_REQUESTED, "manual" if manual else "request")
+        self._apply(rec, Event.LOAD_REQUESTED, reason or ("manual" if manual else "request"))
         self._start_load(rec, adopt=False)
         return rec.gen
 

@@ -97,7 +97,8 @@ class Jobs:
                 return  # taking over a running worker is not a load
             job = rec.job
             if job is None or job.finished or job.gen is not None:
-                job = self._new_job(rec, "load" if reason == "manual" else "request")
+                origin = {"manual": "load", "scale_up": "scale"}.get(reason, "request")
+                job = self._new_job(rec, origin)
             job.gen = rec.gen
             job.node = rec.node
             jobs.advance(job, Phase.SPAWNING)
@@ -153,10 +154,11 @@ class Jobs:
             job = self._find_job(job_id)
             if job.finished:
                 raise Conflict(f"job {job_id} has ended ({job.phase.value}); nothing to cancel")
-            rec = self._records.get(job.model_id)
+            # The load of any replica of the model (a scale-up's is a job of the model too).
+            rec = next((r for r in self._group(job.model_id) if r.gen == job.gen), None)
             if job.gen is None or rec is None:
                 jobs.finish(job, Phase.CANCELLED, self.clock(), "cancelled")
-            elif rec.gen == job.gen and rec.state is State.WARMING:
+            elif rec.state is State.WARMING:
                 if rec.chore is Chore.ADOPTING:
                     raise Conflict(f"model {job.model_id!r} is taking over a running worker")
                 rec.cancelled_gen = rec.gen

@@ -3,7 +3,8 @@
 ``ModelPool`` is one object (one lock, one writer) whose methods live in modules by concept:
 ``pool.py`` (the records, ``_apply`` and the workers' reports), ``pool_admission.py`` (loads and
 requests), ``pool_unload.py`` (unloads, stops, cleanups), ``pool_ttl.py``, ``pool_registry.py``
-(entries, settings, adoption, the state file), ``pool_nodes.py`` and ``pool_leases.py``. Each
+(entries, settings, adoption, the state file), ``pool_nodes.py``, ``pool_leases.py`` and
+``pool_replicas.py`` (a model's several workers, balancing and scaling). Each
 mixin's methods take ``self: PoolParts``; ``ModelPool`` satisfies it.
 """
 
@@ -121,7 +122,11 @@ class PoolParts(Protocol):
     def _nodes_ahead(self, ticket: Ticket | None) -> frozenset[str]: ...
     def _leave_room_queue(self, ticket: Ticket) -> None: ...
     def _try_start(
-        self, rec: Record, manual: bool, ahead: frozenset[str] = frozenset()
+        self,
+        rec: Record,
+        manual: bool,
+        ahead: frozenset[str] = frozenset(),
+        reason: str = "",
     ) -> int | None: ...
     def _new_generation(self, rec: Record) -> None: ...
     def _start_load(self, rec: Record, adopt: bool) -> None: ...

@@ -205,11 +205,13 @@ class Replicas:
             return "every replica slot is in use or backing off after a failure"
         if not self._any_node_up():
             return "no node is up"
+        if self._room_queue:
+            return "loads wait for room: they go first"
         where = self._place(rec, self._estimate(rec))
         if where.node is None or not where.plan.ok:
             return where.reason or where.plan.reason or "no room without evicting"
         try:
-            started = self._try_start(rec, manual=False)
+            started = self._try_start(rec, manual=False, reason="scale_up")
         except (NoCapacity, LoadFailed, BackendDown) as exc:
             return str(exc)
         return "" if started is not None else "no room without evicting"

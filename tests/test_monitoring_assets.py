@@ -69,6 +69,12 @@ DOCUMENTED_METRICS: dict[str, MetricDoc] = {
     "modelpool_node_models": _doc("gauge", "node"),
     "modelpool_node_max_models": _doc("gauge", "node"),
     "modelpool_model_node": _doc("gauge", "model", "node"),
+    "modelpool_model_replicas": _doc("gauge", "model", "kind"),
+    "modelpool_replica_state": _doc("gauge", "model", "replica", "state"),
+    "modelpool_replica_in_flight_requests": _doc("gauge", "model", "replica"),
+    "modelpool_replica_requests_total": _doc("counter", "model", "replica"),
+    "modelpool_replica_memory_bytes": _doc("gauge", "model", "replica"),
+    "modelpool_scale_events_total": _doc("counter", "model", "direction"),
     "modelpool_http_request_duration_seconds": _doc("histogram", "method", "status", "url_rule"),
     "modelpool_http_request_total": _doc("counter", "method", "status"),
     # model workers, job "modelpool-workers"

@@ -282,3 +282,19 @@ def _defaults() -> dict[str, Any]:
     data = E("x").to_dict()
     data.pop("model_id")
     return data
+
+
+def test_requests_sent_straight_to_a_replicas_port_count_toward_its_load() -> None:
+    pool, jobs, now = make(entry(high=2))
+    pool.ensure_loaded("m", wait=False)
+    ready(pool, jobs)
+    # The first replica's /health says three requests came straight to its port.
+    first = pool.record("m")
+    pool.observe_worker("m", first.gen, requests=3, in_flight=3, last_at=now[0], memory_mb=None)
+    held = pool.begin_request("m")
+    pool.scale_replicas()  # busy: 4 in flight per replica, the 3 direct ones included
+    now[0] += 5
+    assert pool.scale_replicas()[0][1] == "up"
+    ready(pool, jobs)
+    assert [pool.begin_request("m").key for _ in range(4)] == ["m#2"] * 4
+    pool.release("m", held.gen)
