@@ -173,7 +173,7 @@ def main() -> None:
             "scale_down_idle_minutes": 0.1,
         }
         stack = Stack([{"model_id": MODEL, "replicas": {"min": 1, "max": 3}}], settings)
-        with stack.running():
+        with contextmanager(stack.running)():
             wait_until(lambda: all(n["state"] == "UP" for n in stack.get("/nodes").json()["nodes"]))
             stack.load(MODEL)
             results: dict[int, float] = {}
