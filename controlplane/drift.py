@@ -71,7 +71,7 @@ class DriftRepair:
         dropped = []
         for w in ours:
             try:
-                rec = self.pool.record(w.model_id)
+                rec = self.pool.worker(w.model_id)
             except UnknownModel:
                 continue
             if rec.gen != w.gen or rec.state not in SERVING:
@@ -83,7 +83,7 @@ class DriftRepair:
                 if w.model_id in self._repinning:
                     continue
                 self._repinning.add(w.model_id)
-            self.pool.stats.drifted(w.model_id)
+            self.pool.stats.drifted(rec.entry.model_id)
             log.warning(
                 "drift model=%s node=%s: Ollama at %s no longer has %s loaded; pinning it again",
                 w.model_id,
@@ -110,7 +110,7 @@ class DriftRepair:
         try:
             while time.monotonic() < until:
                 try:
-                    rec = self.pool.record(model_id)
+                    rec = self.pool.worker(model_id)
                     if rec.gen != gen and rec.node == self.node and rec.state in OCCUPYING:
                         return  # loaded here again: its worker holds the model now
                 except UnknownModel:
@@ -141,7 +141,7 @@ class DriftRepair:
                 log.error("pinning %s again at %s failed: %s", name, base, exc)
                 return
             try:
-                rec = self.pool.record(w.model_id)
+                rec = self.pool.worker(w.model_id)
                 gone = rec.node != self.node or rec.state not in OCCUPYING
             except UnknownModel:
                 gone = True

@@ -161,8 +161,9 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes, Repli
             return list(self._order)
 
     def _get(self, model_id: str) -> Record:
+        """A model's record (its first replica's); a replica's key ``model#k`` is no model."""
         rec = self._records.get(model_id)
-        if rec is None or rec.deleting:
+        if rec is None or rec.deleting or rec.replica != 1:
             raise UnknownModel(model_id)
         return rec
 
@@ -170,6 +171,14 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes, Repli
         """A copy of one model's record."""
         with self._lock:
             rec = self._get(model_id)
+            return replace(rec, history=deque(rec.history, maxlen=20))
+
+    def worker(self, key: str) -> Record:
+        """A copy of one worker's record by its key (a model id, or ``model#k`` for a replica)."""
+        with self._lock:
+            rec = self._records.get(key)
+            if rec is None or rec.deleting:
+                raise UnknownModel(key)
             return replace(rec, history=deque(rec.history, maxlen=20))
 
     def records(self) -> list[Record]:
@@ -370,7 +379,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes, Repli
                     self._chore(rec, ChoreEvent.ADOPTION_ENDED)
             else:
                 self._chore(rec, ChoreEvent.CLEANUP_FAILED)  # it keeps its port until removed
-            self.stats.load_failed(model_id, reason)
+            self.stats.load_failed(rec.entry.model_id, reason)
             self._apply(rec, Event.LOAD_FAILED, reason)
 
     # --- monitoring (called by the reaper) ----------------------------------------------------
@@ -413,7 +422,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes, Repli
             stable = rec.loaded_at is not None and now - rec.loaded_at >= STABLE_SECONDS
             rec.failures = 1 if stable else rec.failures + 1
             rec.retry_at = policy.retry_not_before(rec.failures, now)
-            self.stats.unloaded(model_id, "crash")
+            self.stats.unloaded(rec.entry.model_id, "crash")
             self._apply(rec, Event.PROCESS_EXITED, "crash")
             self._start_cleanup(rec)
 

@@ -51,7 +51,8 @@ class Admission:
         queue: bool = True,
         job: Job | None = None,
     ) -> Record:
-        """Make ``model_id`` HOT (or start it, with ``wait=False``) and return its record.
+        """Make ``model_id`` HOT (or start it, with ``wait=False``) and return its record:
+        the model's own worker (its first replica), which leases hold and load calls load.
 
         Single-flight: concurrent callers for a COLD model cause one load and all wait for it.
         A model that is UNLOADING is waited for and loaded again. ``manual`` (a ``load`` call)
@@ -148,7 +149,7 @@ class Admission:
             with self._lock:
                 while True:
                     rec = self._get(model_id)
-                    if avoid or model_id in self._extras:
+                    if hold and (avoid or model_id in self._extras):
                         chosen = self._serving_replica(model_id, avoid)
                         if chosen is None and avoid:
                             raise self._no_other_replica(model_id)

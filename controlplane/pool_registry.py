@@ -104,14 +104,23 @@ class Registry:
                     or rec.fingerprint is None
                     or rec.deleting
                     or not self._node_answers(rec)
+                    or self._replacing_another(rec)
                 ):
                     continue
-                moved = rec.entry.port is not None and rec.port != rec.entry.port
+                moved = rec.replica == 1 and rec.entry.port not in (None, rec.port)
                 if moved or rec.fingerprint != self.fingerprint_for(rec):
                     rec.reload = True
                     self._begin_unload(rec, Event.UNLOAD_REQUESTED, "config_changed")
                     changed.append(rec.entry.model_id)
         return changed
+
+    def _replacing_another(self: PoolParts, rec: Record) -> bool:
+        """Another replica of ``rec``'s model is being reloaded or loaded (lock held): replicas
+        are replaced one at a time, so the others keep serving meanwhile."""
+        return any(
+            r is not rec and (r.state is State.WARMING or (r.reload and r.state is State.UNLOADING))
+            for r in self._group(rec.entry.model_id)
+        )
 
     def adopt(
         self: PoolParts,

@@ -152,9 +152,10 @@ class Replicas:
     ) -> tuple[str, str] | None:
         group = self._group(model_id)
         limits = self._limits(group[0])
-        # Replicas beyond a lowered max go first, whatever their load.
+        # Replicas beyond a lowered max go first, whatever their load (one per up_seconds).
+        calm = scaling.last_change is None or now - scaling.last_change >= limits.up_seconds
         for rec in group[limits.maximum :]:
-            if rec.state in SERVING:
+            if rec.state in SERVING and calm:
                 self._begin_unload(rec, Event.UNLOAD_REQUESTED, "scale_down")
                 return self._scaled(model_id, scaling, now, Direction.DOWN, "above max")
         views = [
@@ -163,6 +164,7 @@ class Replicas:
                 r.state,
                 r.total_in_flight + r.waiters + len(r.leases),
                 idle_since=r.last_used,
+                anchor=r.replica == 1,
             )
             for r in group[: limits.maximum]
             if r.state in OCCUPYING

@@ -52,10 +52,15 @@ class Unloading:
                         "force: true unloads it anyway and ends them"
                     )
                 rec.leases = {}
+            if rec.state is State.WARMING:
+                raise Conflict(f"model {model_id!r} is loading; unload it once it is HOT")
             others = [r for r in self._group(model_id)[1:] if r.state in OCCUPYING]
             for other in others:
                 if other.state in SERVING:
                     self._begin_unload(other, Event.UNLOAD_REQUESTED, reason, force=force)
+                elif other.state is State.WARMING and not other.adopting:
+                    # A replica scaling was starting: it would serve again afterwards.
+                    self._begin_unload(other, Event.LOAD_CANCELLED, reason, force=True)
                 elif other.state is State.UNLOADING and force:
                     self.lifecycle.hurry(other.key, other.gen)
             if others and rec.state not in OCCUPYING:

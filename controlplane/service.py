@@ -206,7 +206,7 @@ class PoolService:
         if drift is not None:
             name = rec.entry.upstream_model or rec.entry.model_id
             within = self.pool.settings.load_timeout_seconds
-            drift.release_cancelled(rec.entry.model_id, name, rec.gen, within)
+            drift.release_cancelled(rec.key, name, rec.gen, within)
 
     def _tell_registry(self, rec: Record, old: State, new: State) -> None:
         """Keep the service registry in line with a transition (called under the pool lock)."""

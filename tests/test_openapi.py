@@ -470,12 +470,14 @@ CROSS_FIELD_RULES: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/models/register"): (
         r"^models\[\d+\]\.port: \d+ is (outside port_range|already pinned by) ",
         r"^model\.schedule\[\d+\]\.end: .* equals start: the window is empty$",
+        r"^model\.replicas\.min: \d+ is above max \d+$",
         r"^models\[\d+\]\.nodes\[\d+\]: .* is not a node ",
     ),
     ("PUT", "/models/{model_id}"): (
         r"^model\.model_id: .* differs from the path's ",
         r"^models\[\d+\]\.port: \d+ is (outside port_range|already pinned by) ",
         r"^model\.schedule\[\d+\]\.end: .* equals start: the window is empty$",
+        r"^model\.replicas\.min: \d+ is above max \d+$",
         r"^models\[\d+\]\.nodes\[\d+\]: .* is not a node ",
     ),
     # What a model honours depends on its backend (the front door's descriptions say so).

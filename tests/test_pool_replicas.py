@@ -223,6 +223,8 @@ def test_a_lowered_max_drains_the_replicas_above_it() -> None:
     pool.scale_replicas()
     ready(pool, jobs)
     pool.replace_entry(entry(high=1))
+    assert pool.scale_replicas() == [], "one change per scale_up_seconds, this one too"
+    now[0] += 5
     assert pool.scale_replicas() == [("m", "down", "above max")]
     assert pool.record("m").state is State.HOT
 
@@ -298,3 +300,76 @@ def test_requests_sent_straight_to_a_replicas_port_count_toward_its_load() -> No
     ready(pool, jobs)
     assert [pool.begin_request("m").key for _ in range(4)] == ["m#2"] * 4
     pool.release("m", held.gen)
+
+
+def two_serving(**more: Any) -> tuple[ModelPool, Jobs, list[float]]:
+    """A pool whose model ``m`` serves from two replicas, nothing in flight."""
+    pool, jobs, now = make(entry(**more))
+    pool.ensure_loaded("m", wait=False)
+    ready(pool, jobs)
+    held = busy(pool, now, 4)
+    assert pool.scale_replicas()
+    ready(pool, jobs)
+    for rec in held:
+        pool.release("m", rec.gen)
+    return pool, jobs, now
+
+
+def test_a_replica_key_is_not_a_model() -> None:
+    from controlplane.errors import UnknownModel
+
+    pool, _, _ = two_serving()
+    for call in (pool.begin_request, pool.ensure_loaded, pool.record, pool.unload):
+        with pytest.raises(UnknownModel):
+            call("m#2")
+    assert pool.worker("m#2").replica == 2
+
+
+def test_a_load_call_is_about_the_models_own_worker() -> None:
+    pool, jobs, _ = two_serving()
+    first = pool.record("m")
+    pool.process_gone("m", first.gen, operator_stop=False, detail="killed")
+    pool.cleaned("m", first.gen)
+    assert pool.begin_request("m").key == "m#2", "requests go to the replica that serves"
+    # A load call (a lease, a warmup pass) loads the model's own worker again.
+    loaded = pool.ensure_loaded("m", wait=False, manual=True)
+    assert loaded.key == "m" and jobs.loads[-1][0] == "m"
+
+
+def test_an_unload_stops_every_replica_and_a_pinned_count_brings_none_back() -> None:
+    pool, _, now = two_serving(high=3)
+    pool.pin_replicas("m", 3)
+    assert pool.scale_replicas()[0][1] == "up"  # replica 3 is loading
+    pool.unload("m")
+    states = {r.key: r.state for r in pool.replica_records("m")}
+    assert states == {"m": State.UNLOADING, "m#2": State.UNLOADING, "m#3": State.UNLOADING}
+    for r in pool.replica_records("m"):
+        pool.stopped(r.key, r.gen)
+    now[0] += 60
+    assert pool.scale_replicas() == [], "nothing serves: the pinned count waits for a request"
+
+
+def test_unloading_a_model_whose_own_worker_loads_changes_nothing() -> None:
+    from controlplane.errors import Conflict as Busy
+
+    pool, _, now = two_serving()
+    first = pool.record("m")
+    pool.process_gone("m", first.gen, operator_stop=False, detail="killed")
+    pool.cleaned("m", first.gen)
+    now[0] += 600
+    pool.ensure_loaded("m", wait=False, manual=True)  # replica 1 loads again
+    with pytest.raises(Busy):
+        pool.unload("m")
+    assert pool.worker("m#2").state is State.HOT
+
+
+def test_a_pinned_port_is_the_first_replicas_and_changes_reload_one_replica_at_a_time() -> None:
+    pool, _, _ = two_serving(port=8060)
+    for key in ("m", "m#2"):
+        rec = pool.worker(key)
+        pool.started_with(key, rec.gen, pool.fingerprint_for(rec))
+    assert pool.reload_changed() == [], "replica 2 is not 'moved' off a port it never had"
+    pool.replace_entry(entry(port=8060, options={"num_ctx": 4096}))
+    assert pool.reload_changed() == ["m"]
+    assert pool.reload_changed() == [], "replica 2 serves until replica 1 is back"
+    assert pool.worker("m#2").state is State.HOT

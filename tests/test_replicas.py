@@ -134,6 +134,8 @@ def test_scale_down_drains_the_replica_idle_longest_beyond_min() -> None:
         ([r("a", idle_since=-500.0), r("b", idle_since=-500.0)], Limits(minimum=2, maximum=3)),
         ([r("a", in_flight=1), r("b", idle_since=0.0)], LIMITS),  # idle 100 s of 120
         ([r("a", in_flight=1), r("b", draining=True, idle_since=-500.0)], LIMITS),  # going
+        # The model's own worker (leases, load calls) stays; its TTL decides.
+        ([r("a", idle_since=-500.0, anchor=True), r("b", in_flight=1)], LIMITS),
     ],
 )
 def test_no_scale_down(replicas: list[ReplicaView], limits: Limits) -> None:
@@ -151,6 +153,12 @@ DRAIN_B = Decision(Direction.DOWN, "b", "pinned at 1")
         # Down to 1: an idle one goes before a busy one.
         ([r("a", in_flight=2), r("b", idle_since=50.0)], 1, DRAIN_B),
         ([r("a"), r("b")], 2, None),
+        # Not the model's own worker, however idle.
+        ([r("a", idle_since=-99.0, anchor=True), r("b", in_flight=3)], 1,
+         Decision(Direction.DOWN, "b", "pinned at 1")),
+        # Unloaded (nothing serves): a pinned count loads nothing until a request does.
+        ([r("a", UNLOADING)], 2, None),
+        ([], 2, None),
     ],
 )  # fmt: skip
 def test_a_pinned_count_is_approached_one_step_at_a_time(

@@ -16,9 +16,11 @@ Scaling (``decide``), for a model with ``replicas: {min, max}``:
   is placement's question, not this one.
 - **Down** when there are more than ``min`` and a serving replica has been idle (nothing in
   flight) for ``down_idle_seconds``: the one idle longest is drained. The last replica is never
-  drained here (its TTL applies to it), nor one of the ``min`` a warmup model keeps.
-- **A pinned count** (``modelpool scale MODEL N``) replaces both: one step at a time towards it,
-  draining an idle replica first, else the one with the fewest in flight.
+  drained here (its TTL applies to it), nor the model's own worker (``anchor``), nor one of the
+  ``min`` a warmup model keeps.
+- **A pinned count** (``modelpool scale MODEL N``) replaces both: one step at a time towards it
+  while the model serves, draining an idle replica first, else the one with the fewest in
+  flight (never the anchor).
 - **No flapping**: at most one change per model per ``up_seconds`` (``last_change``).
 
 Where a new replica goes is placement's (``core.placement``, ``Want.replica_nodes``): a node
@@ -52,6 +54,9 @@ class ReplicaView:
     draining: bool = False
     #: When its last request ended (or it became HOT), for the idle time.
     idle_since: float = 0.0
+    #: The model's own worker (its first replica: leases, load calls and the service registry
+    #: name it): scaling never drains it, its TTL applies to it.
+    anchor: bool = False
 
     @property
     def serving(self) -> bool:
@@ -125,11 +130,12 @@ def decide(
     live = [r for r in replicas if not r.draining and r.state is not State.UNLOADING]
     starting = any(r.state is State.WARMING for r in live)
     serving = [r for r in live if r.serving]
+    drainable = [r for r in serving if not r.anchor]
     if pinned is not None:
-        if len(live) < pinned and not starting:
+        if serving and len(live) < pinned and not starting:
             return Decision(Direction.UP, why=f"pinned at {pinned}")
-        if len(serving) > 1 and len(live) > pinned:
-            victim = min(serving, key=lambda r: (r.in_flight, r.idle_since, r.replica_id))
+        if len(serving) > 1 and len(live) > pinned and drainable:
+            victim = min(drainable, key=lambda r: (r.in_flight, r.idle_since, r.replica_id))
             return Decision(Direction.DOWN, victim.replica_id, f"pinned at {pinned}")
         return None
     if serving and not starting and len(live) < max(1, limits.minimum):
@@ -145,7 +151,7 @@ def decide(
         return Decision(Direction.UP, why=f"{load:.1f} in flight per replica")
     floor = max(1, limits.minimum)
     idle = [
-        r for r in serving if r.in_flight == 0 and now - r.idle_since >= limits.down_idle_seconds
+        r for r in drainable if r.in_flight == 0 and now - r.idle_since >= limits.down_idle_seconds
     ]
     if idle and len(live) > floor and len(serving) > 1:
         victim = min(idle, key=lambda r: (r.idle_since, r.replica_id))
