@@ -21,18 +21,15 @@ import http.client
 import json
 import os
 import platform
-import signal
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psutil
 
-from tests.ollama_standin import OllamaStandin
-from tests.stack import Stack, processes_mentioning, wait_until
-from tests.test_nodes import NODES, Nodes, cli
+from tests.nodes import NODES, running_nodes
+from tests.stack import Stack, wait_until
 
 MODEL = "bench-replicas:1b"
 MIB = 1024 * 1024
@@ -109,6 +106,10 @@ def serving(stack: Stack) -> list[dict[str, Any]]:
     return [r for r in reps if r["state"] in ("HOT", "COOLING")]
 
 
+def wait_serving(stack: Stack, n: int, timeout: float = 60.0) -> None:
+    wait_until(lambda: len(serving(stack)) == n, timeout, 0.2)
+
+
 def measure(stack: Stack, load: Load, seconds: float) -> tuple[float, float, int]:
     """Tokens/s and requests/s over the next ``seconds``; errors meanwhile."""
     t0, r0, e0 = load.snapshot()
@@ -117,33 +118,6 @@ def measure(stack: Stack, load: Load, seconds: float) -> tuple[float, float, int
     t1, r1, e1 = load.snapshot()
     took = time.monotonic() - began
     return (t1 - t0) / took, (r1 - r0) / took, e1 - e0
-
-
-@contextmanager
-def three_nodes(args: argparse.Namespace) -> Iterator[Nodes]:
-    ns = Nodes()
-    reply = " ".join(f"w{i}" for i in range(args.tokens))
-    try:
-        for name, (host, _) in NODES.items():
-            ns.standins[name] = OllamaStandin(
-                host=host,
-                models={MODEL: 1000 * MIB},
-                load_delay=0.2,
-                token_delay=args.token_delay,
-                reply=reply,
-                num_parallel=args.parallel,
-            ).start()
-        for name in NODES:
-            ns.up(name)
-        yield ns
-    finally:
-        for name in NODES:
-            if (ns.run_dir(name) / "supervisord.pid").exists():
-                cli("node", "down", "--run-dir", str(ns.run_dir(name)), check=False)
-        for standin in ns.standins.values():
-            standin.stop()
-        for pid, _ in processes_mentioning(str(ns.root)):
-            os.kill(pid, signal.SIGKILL)
 
 
 def main() -> None:
@@ -163,7 +137,15 @@ def main() -> None:
         f"(at most {args.parallel / args.token_delay:.0f} tokens/s per replica); "
         f"{args.clients} clients, {args.tokens} tokens per answer, {args.seconds:g} s windows"
     )
-    with three_nodes(args) as nodes:
+    reply = " ".join(f"w{i}" for i in range(args.tokens))
+    with running_nodes(
+        NODES,
+        models={MODEL: 1000 * MIB},
+        load_delay=0.2,
+        token_delay=args.token_delay,
+        reply=reply,
+        num_parallel=args.parallel,
+    ) as nodes:
         settings = {
             "local_node": False,
             "node_timeout_seconds": 5,
@@ -180,7 +162,7 @@ def main() -> None:
             with Load(stack.control_port, args.clients, args.tokens) as load:
                 for n in (1, 2, 3):
                     stack.post(f"/models/{MODEL}/scale", {"replicas": n}).raise_for_status()
-                    wait_until(lambda n=n: len(serving(stack)) == n, 60, 0.2)
+                    wait_serving(stack, n)
                     time.sleep(2)  # the queues settle across the replicas
                     tps, rps, errors = measure(stack, load, args.seconds)
                     results[n] = tps
@@ -195,7 +177,7 @@ def main() -> None:
                 print(f"most requests generating at once per node: {peaks}")
                 # Back to one, then scaling by load.
                 stack.post(f"/models/{MODEL}/scale", {"replicas": 1}).raise_for_status()
-                wait_until(lambda: len(serving(stack)) == 1, 60, 0.2)
+                wait_serving(stack, 1)
                 stack.post(f"/models/{MODEL}/scale", {"replicas": None}).raise_for_status()
                 began = time.monotonic()
                 t0, _, _ = load.snapshot()

@@ -67,6 +67,19 @@ def busy(pool: ModelPool, now: list[float], n: int, model: str = "m") -> list[An
     return held
 
 
+def two_serving(**more: Any) -> tuple[ModelPool, Jobs, list[float]]:
+    """A pool whose model ``m`` serves from two replicas, nothing in flight."""
+    pool, jobs, now = make(entry(**more))
+    pool.ensure_loaded("m", wait=False)
+    ready(pool, jobs)
+    held = busy(pool, now, 4)
+    assert pool.scale_replicas()
+    ready(pool, jobs)
+    for rec in held:
+        pool.release("m", rec.gen)
+    return pool, jobs, now
+
+
 def test_a_busy_model_gets_a_replica_on_another_node_and_requests_spread() -> None:
     pool, jobs, now = make(entry())
     pool.ensure_loaded("m", wait=False)
@@ -101,14 +114,7 @@ def test_no_flapping_and_no_more_than_max() -> None:
 
 
 def test_an_idle_replica_beyond_min_is_drained_and_the_last_one_stays() -> None:
-    pool, jobs, now = make(entry())
-    pool.ensure_loaded("m", wait=False)
-    ready(pool, jobs)
-    held = busy(pool, now, 4)
-    assert pool.scale_replicas()
-    ready(pool, jobs)
-    for rec in held:
-        pool.release("m", rec.gen)
+    pool, _jobs, now = two_serving()
     now[0] += 30
     assert pool.scale_replicas() == [], "idle for less than scale_down_idle_minutes"
     now[0] += 61
@@ -165,12 +171,7 @@ def test_scaling_up_evicts_nothing() -> None:
 
 
 def test_a_retry_avoids_the_replica_that_failed() -> None:
-    pool, jobs, now = make(entry(high=2))
-    pool.ensure_loaded("m", wait=False)
-    ready(pool, jobs)
-    busy(pool, now, 4)
-    pool.scale_replicas()
-    ready(pool, jobs)
+    pool, _jobs, _now = two_serving(high=2)
     key = (pool.try_begin_request("m") or ("", 0, 0, ""))[3]
     retry = pool.try_begin_request("m", frozenset({key}))
     assert retry is not None and retry[3] != key
@@ -181,12 +182,7 @@ def test_a_retry_avoids_the_replica_that_failed() -> None:
 
 
 def test_a_crashed_replica_leaves_the_others_serving() -> None:
-    pool, jobs, now = make(entry(high=2))
-    pool.ensure_loaded("m", wait=False)
-    ready(pool, jobs)
-    busy(pool, now, 4)
-    pool.scale_replicas()
-    ready(pool, jobs)
+    pool, _jobs, _now = two_serving(high=2)
     first = pool.record("m")
     pool.process_gone("m", first.gen, operator_stop=False, detail="killed")
     assert pool.record("m").state is State.FAILED
@@ -216,12 +212,7 @@ def test_a_pinned_count_steps_there_and_is_checked() -> None:
 
 
 def test_a_lowered_max_drains_the_replicas_above_it() -> None:
-    pool, jobs, now = make(entry())
-    pool.ensure_loaded("m", wait=False)
-    ready(pool, jobs)
-    busy(pool, now, 4)
-    pool.scale_replicas()
-    ready(pool, jobs)
+    pool, _jobs, now = two_serving()
     pool.replace_entry(entry(high=1))
     assert pool.scale_replicas() == [], "one change per scale_up_seconds, this one too"
     now[0] += 5
@@ -230,12 +221,7 @@ def test_a_lowered_max_drains_the_replicas_above_it() -> None:
 
 
 def test_deleting_a_model_unloads_and_drops_every_replica() -> None:
-    pool, jobs, now = make(entry())
-    pool.ensure_loaded("m", wait=False)
-    ready(pool, jobs)
-    busy(pool, now, 4)
-    pool.scale_replicas()
-    ready(pool, jobs)
+    pool, _jobs, _now = two_serving()
     for r in pool.replica_records("m"):
         pool.release("m", r.gen)
     pool.mark_deleting("m")
@@ -246,14 +232,7 @@ def test_deleting_a_model_unloads_and_drops_every_replica() -> None:
 
 
 def test_unload_unloads_every_replica() -> None:
-    pool, jobs, now = make(entry())
-    pool.ensure_loaded("m", wait=False)
-    ready(pool, jobs)
-    held = busy(pool, now, 4)
-    assert pool.scale_replicas()
-    ready(pool, jobs)
-    for rec in held:
-        pool.release("m", rec.gen)
+    pool, _jobs, _now = two_serving()
     pool.unload("m")
     assert {r.state for r in pool.replica_records("m")} == {State.UNLOADING}
 
@@ -300,19 +279,6 @@ def test_requests_sent_straight_to_a_replicas_port_count_toward_its_load() -> No
     ready(pool, jobs)
     assert [pool.begin_request("m").key for _ in range(4)] == ["m#2"] * 4
     pool.release("m", held.gen)
-
-
-def two_serving(**more: Any) -> tuple[ModelPool, Jobs, list[float]]:
-    """A pool whose model ``m`` serves from two replicas, nothing in flight."""
-    pool, jobs, now = make(entry(**more))
-    pool.ensure_loaded("m", wait=False)
-    ready(pool, jobs)
-    held = busy(pool, now, 4)
-    assert pool.scale_replicas()
-    ready(pool, jobs)
-    for rec in held:
-        pool.release("m", rec.gen)
-    return pool, jobs, now
 
 
 def test_a_replica_key_is_not_a_model() -> None:

@@ -9,7 +9,6 @@ fixed delay per token and queues the rest, so one replica is really a bottleneck
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -21,9 +20,9 @@ import psutil
 import pytest
 import requests
 
+from tests.nodes import NODES, Nodes, running_nodes
 from tests.ollama_standin import OllamaStandin
-from tests.stack import Stack, processes_mentioning, wait_until
-from tests.test_nodes import NODES, Nodes, cli
+from tests.stack import Stack, wait_until
 
 MIB = 1024 * 1024
 MODEL = "m1:1b"
@@ -33,29 +32,9 @@ PARALLEL = 2
 
 @pytest.fixture(scope="module")
 def nodes() -> Iterator[Nodes]:
-    ns = Nodes()
-    try:
-        for name, (host, _) in NODES.items():
-            ns.standins[name] = OllamaStandin(
-                host=host,
-                models={MODEL: 1000 * MIB},
-                load_delay=0.1,
-                token_delay=0.02,
-                num_parallel=PARALLEL,
-            ).start()
-        for name in NODES:
-            ns.up(name)
+    standin = {"models": {MODEL: 1000 * MIB}, "load_delay": 0.1, "token_delay": 0.02}
+    with running_nodes(NODES, num_parallel=PARALLEL, **standin) as ns:
         yield ns
-    finally:
-        for name in NODES:
-            if (ns.run_dir(name) / "supervisord.pid").exists():
-                cli("node", "down", "--run-dir", str(ns.run_dir(name)), check=False)
-        for standin in ns.standins.values():
-            standin.stop()
-        leaked = processes_mentioning(str(ns.root))
-        for pid, _ in leaked:
-            os.kill(pid, signal.SIGKILL)
-        assert not leaked, f"node processes left running: {leaked}"
 
 
 @pytest.fixture(scope="module")
