@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 import requests
+from playwright.sync_api import Browser, expect
 
 from tests.nodes import NODES, Nodes, running_nodes
 from tests.ollama_standin import OllamaStandin
@@ -190,7 +191,7 @@ def test_load_gone_scales_back_to_min(stack: Stack) -> None:
     assert len(serving(stack)) == 1
 
 
-def test_a_count_pinned_by_hand_holds_while_idle(stack: Stack) -> None:
+def test_a_count_pinned_by_hand_holds_while_idle(stack: Stack, browser: Browser) -> None:
     stack.load(MODEL)
     out = stack.cli("scale", MODEL, "2", check=True).stdout
     assert "pinned at 2" in out
@@ -199,6 +200,15 @@ def test_a_count_pinned_by_hand_holds_while_idle(stack: Stack) -> None:
     time.sleep(4)  # idle beyond scale_down_idle_minutes: a pinned count stays
     assert len(serving(stack)) == 2
     assert "2/3 pinned 2" in stack.cli("status", check=True).stdout
+    page = browser.new_page()
+    try:  # the page shows it by the model's state, each replica in the title
+        page.goto(stack.url + "/ui")
+        cell = page.locator(f'tr[data-model="{MODEL}"] [data-field="replicas"]')
+        expect(cell).to_have_text("2/3 · pinned 2")
+        title = cell.get_attribute("title") or ""
+        assert "#1 HOT on" in title and "#2 HOT on" in title, title
+    finally:
+        page.close()
     bad = stack.cli("scale", MODEL, "4")
     assert bad.returncode != 0 and "outside model 'm1:1b''s replicas min..max (1..3)" in (
         bad.stdout + bad.stderr
