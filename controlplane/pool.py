@@ -195,25 +195,26 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes, Repli
             return [[replace(r) for r in self._group(m)] for m in self._order]
 
     def describe(self, rec: Record, now: float | None = None) -> dict[str, Any]:
-        """The public JSON view of a model (``GET /models``) from its record ``rec`` (a copy
-        of its first replica's): the model shows its best replica's state and its replicas'
+        """The public JSON view of a model (``GET /models``) from a copy of one of its records
+        (``rec``, taken as it is): the model shows its best replica's state and its replicas'
         counts summed, and lists every replica (``replicas``)."""
         now = self.clock() if now is None else now
+        model_id = rec.entry.model_id
         with self._lock:
-            live = self._records.get(rec.key)
-            group = [rec] if live is None else [replace(r) for r in self._group(rec.key)]
-            group[0] = rec
+            group = [rec if r.key == rec.key else replace(r) for r in self._group(model_id)]
+            group = group or [rec]  # deleted meanwhile: the copy alone
+            first = group[0]
             shown = best(group)
             ttl = self.ttl_minutes(shown)
-            warm = rec.entry.model_id in self._warmups()
-            scheduled = rec.entry.model_id in self._scheduled
+            warm = model_id in self._warmups()
+            scheduled = model_id in self._scheduled
             host = self.address_of(shown.node)
             hosts = {r.key: self.address_of(r.node) for r in group}
-            job = rec.job.view() if rec.job is not None else None
-            scaling = self._scaling.get(rec.key)
+            job = first.job.view() if first.job is not None else None
+            scaling = self._scaling.get(model_id)
         view = views.model_view(shown, ttl, warm, scheduled, host, now)
         view.update(views.replicas_view(group, hosts, rec.entry.replicas, scaling))
-        view["leases"] = views.leases_view(rec)  # leases hold the model: its first record
+        view["leases"] = views.leases_view(first)  # leases hold the model: its first record
         view["job"] = job  # its latest load job (live, or how the last load ended)
         return view
 

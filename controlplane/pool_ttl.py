@@ -89,23 +89,28 @@ class Ttl:
         )
 
     def extend_ttl(self: PoolParts, model_id: str, minutes: float) -> tuple[Record, bool]:
-        """Move the deadline to max(deadline, now) + minutes, capped at now + max TTL."""
+        """Move the deadline to max(deadline, now) + minutes, capped at now + max TTL, of every
+        serving replica of the model; returns its first serving replica's record."""
         with self._lock:
-            rec = self._get(model_id)
-            if rec.state not in SERVING:
+            first = self._get(model_id)
+            group = [r for r in self._group(model_id) if r.state in SERVING]
+            if not group:
                 raise Conflict(
-                    f"model {model_id!r} is {rec.state.value}; only a loaded model has a TTL"
+                    f"model {model_id!r} is {first.state.value}; only a loaded model has a TTL"
                 )
-            if self.ttl_minutes(rec) == 0:
-                return replace(rec), False
             now = self.clock()
-            ext = policy.extend(rec.deadline, now, minutes, self._bounds())
-            rec.deadline = ext.deadline
-            self._version += 1
-            if rec.state is State.COOLING:
-                rec.grace_until = None
-                self._apply(rec, Event.REQUEST_ARRIVED, "extend_ttl")
-            result = replace(rec), ext.clamped
+            clamped = False
+            for rec in group:
+                if self.ttl_minutes(rec) == 0:
+                    continue
+                ext = policy.extend(rec.deadline, now, minutes, self._bounds())
+                rec.deadline = ext.deadline
+                clamped = clamped or ext.clamped
+                self._version += 1
+                if rec.state is State.COOLING:
+                    rec.grace_until = None
+                    self._apply(rec, Event.REQUEST_ARRIVED, "extend_ttl")
+            result = replace(group[0]), clamped
         self.on_change()
         return result
 

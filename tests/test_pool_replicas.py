@@ -339,3 +339,17 @@ def test_a_pinned_port_is_the_first_replicas_and_changes_reload_one_replica_at_a
     assert pool.reload_changed() == ["m"]
     assert pool.reload_changed() == [], "replica 2 serves until replica 1 is back"
     assert pool.worker("m#2").state is State.HOT
+
+
+def test_extend_ttl_moves_every_serving_replicas_deadline_and_the_view_shows_the_model() -> None:
+    pool, _, _ = two_serving()
+    first = pool.record("m")
+    pool.process_gone("m", first.gen, operator_stop=False, detail="killed")
+    before = pool.worker("m#2").deadline
+    assert before is not None
+    rec, _ = pool.extend_ttl("m", 10)
+    assert rec.key == "m#2" and (pool.worker("m#2").deadline or 0) > before
+    view = pool.describe(rec)
+    assert view["model_id"] == "m" and view["state"] == "HOT"
+    assert [r["key"] for r in view["replicas"]] == ["m", "m#2"]
+    assert view["replica_counts"]["serving"] == 1

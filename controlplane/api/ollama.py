@@ -23,9 +23,9 @@ from flask import Blueprint, Response, current_app, jsonify, redirect, request, 
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
-from controlplane.adapters.proxy import Relay, WorkerProxy, WorkerUnreachable
+from controlplane.adapters.proxy import Relay, WorkerProxy
 from controlplane.api.errors import from_pool_error
-from controlplane.api.openai import PROXY_EXT, VIA_HEADER
+from controlplane.api.openai import PROXY_EXT, VIA_HEADER, begin_and_send
 from controlplane.core import ollama_answers as answers
 from controlplane.core import ollama_api as api
 from controlplane.core.states import SERVING, State
@@ -213,25 +213,19 @@ def _serve(plan: api.Plan) -> Response:
     model_id = _resolve(pool, plan.model)
     if plan.load_only:
         return _headers(plan, _load_only(pool, plan, model_id))
-    rec = pool.begin_request(model_id)  # waits for a load; counts the request in flight
-    loaded = time.monotonic_ns()
+    proxy: WorkerProxy = current_app.extensions[PROXY_EXT]
+    headers = {"Content-Type": "application/json", VIA_HEADER: "frontdoor"}
+    if pool.settings.api_key:
+        headers["Authorization"] = f"Bearer {pool.settings.api_key}"
+    payload = json.dumps({"model": model_id, **plan.body}).encode()
+    # Waits for a load; counts the request in flight on the replica it goes to.
+    rec, loaded, resp, done = begin_and_send(pool, proxy, model_id, plan.path, payload, headers)
     unload = plan.keep_alive is not None and plan.keep_alive.unload
     finish = _Finish(pool, model_id, rec.gen, unload)
-    proxy: WorkerProxy = current_app.extensions[PROXY_EXT]
     try:
         _extend(pool, model_id, plan.keep_alive)
-        headers = {"Content-Type": "application/json", VIA_HEADER: "frontdoor"}
-        if pool.settings.api_key:
-            headers["Authorization"] = f"Bearer {pool.settings.api_key}"
-        payload = json.dumps({"model": model_id, **plan.body}).encode()
-        assert rec.port is not None
-        resp, done = proxy.send(
-            svc.pool.address_of(rec.node), rec.port, "POST", plan.path, payload, headers
-        )
-    except WorkerUnreachable as exc:
-        finish()
-        raise BackendDown(f"model {model_id!r}: {exc}", retry_after=2) from None
     except BaseException:
+        done(False)  # the answer is not read: its connection is not reused
         finish()
         raise
     timing = answers.Timing(started=started, loaded=loaded, sent=time.monotonic_ns())

@@ -14,6 +14,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from controlplane.adapters.proxy import Relay, WorkerProxy, WorkerUnreachable
 from controlplane.errors import BackendDown, InvalidInput
+from controlplane.pool import ModelPool
+from controlplane.records import Record
 from controlplane.service import PoolService
 from model_service import jsonbody
 
@@ -39,6 +41,39 @@ def _model_of(raw: bytes) -> str:
     return model
 
 
+def begin_and_send(
+    pool: ModelPool,
+    proxy: WorkerProxy,
+    model: str,
+    path: str,
+    payload: bytes,
+    headers: dict[str, str],
+) -> tuple[Record, int, Any, Any]:
+    """Count a request in flight on a replica of ``model`` (waiting for a load if needed) and
+    send it there. A replica that does not answer is left out and the request goes once more to
+    another serving one. Returns the replica's record (``pool.release(model, rec.gen)`` ends
+    the request), when it was counted (``time.monotonic_ns``), and the answer. Raises
+    BackendDown when no replica answered."""
+    failed: frozenset[str] = frozenset()
+    while True:
+        rec = pool.begin_request(model, avoid=failed)
+        counted = time.monotonic_ns()
+        try:
+            assert rec.port is not None
+            resp, done = proxy.send(
+                pool.address_of(rec.node), rec.port, "POST", path, payload, headers
+            )
+            return rec, counted, resp, done
+        except WorkerUnreachable as exc:
+            pool.release(model, rec.gen)
+            if failed or not pool.other_replica_serves(model, rec.key):
+                raise BackendDown(f"model {model!r}: {exc}", retry_after=2) from None
+            failed = frozenset({rec.key})  # once more, on another replica
+        except BaseException:
+            pool.release(model, rec.gen)
+            raise
+
+
 def _relay(path: str) -> Response:
     svc = _svc()
     raw = request.get_data(cache=False)
@@ -51,23 +86,7 @@ def _relay(path: str) -> Response:
     }
     if svc.pool.settings.api_key:
         headers["Authorization"] = f"Bearer {svc.pool.settings.api_key}"
-    failed: frozenset[str] = frozenset()
-    while True:
-        # Waits for a load; counts the request in flight on the replica it goes to.
-        rec = svc.pool.begin_request(model, avoid=failed)
-        try:
-            assert rec.port is not None
-            host = svc.pool.address_of(rec.node)
-            resp, done = proxy.send(host, rec.port, "POST", path, raw, headers)
-            break
-        except WorkerUnreachable as exc:
-            svc.pool.release(model, rec.gen)
-            if failed or not svc.pool.other_replica_serves(model, rec.key):
-                raise BackendDown(f"model {model!r}: {exc}", retry_after=2) from None
-            failed = frozenset({rec.key})  # once more, on another replica
-        except BaseException:
-            svc.pool.release(model, rec.gen)
-            raise
+    rec, _, resp, done = begin_and_send(svc.pool, proxy, model, path, raw, headers)
     relay = Relay(resp, done, lambda: svc.pool.release(model, rec.gen))
     out = Response(relay, status=resp.status, content_type=resp.getheader("Content-Type"))
     for name in ("Retry-After", "Cache-Control", "X-Accel-Buffering"):
