@@ -485,7 +485,7 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes, Repli
             free = sum(v.free_ports for v in self._node_views())
             return {
                 "active_models": len(serving),
-                "loading_models": sum(1 for r in recs if r.state is State.WARMING),
+                "loading_models": len({r.entry.model_id for r in recs if r.state is State.WARMING}),
                 "total_models": len(firsts),
                 "workers": sum(1 for r in recs if r.state in OCCUPYING),
                 "total_memory_mb": round(sum(r.memory() for r in recs if r.state in OCCUPYING), 1),

@@ -46,6 +46,10 @@ class Registry:
         """A registry entry changed: keep the model's state; ``reload_changed`` decides whether
         its worker must be replaced. A permanent load failure may be retried with the new one."""
         with self._lock:
+            scaling = self._scaling.get(entry.model_id)
+            if scaling is not None and scaling.pinned is not None:
+                low, high = entry.replicas  # a pinned count stays within the new bounds
+                scaling.pinned = min(max(scaling.pinned, low), high)
             for rec in self._group(self._get(entry.model_id).key):
                 rec.entry = entry
                 if rec.state is State.FAILED and rec.retry_at == math.inf:
@@ -58,14 +62,15 @@ class Registry:
         """Hide a model from new requests; unload it if loaded. Conflict while WARMING."""
         with self._lock:
             first = self._get(model_id)
-            group = self._group(model_id)
-            if any(r.state is State.WARMING for r in group):
+            if first.state is State.WARMING:
                 raise Conflict(f"model {model_id!r} is loading; delete it once it is HOT")
             self._scaling.pop(model_id, None)
-            for rec in reversed(group):  # its first replica last: it holds the model's name
+            for rec in reversed(self._group(model_id)):  # its own record last (``_drop``)
                 rec.deleting = True
                 if rec.state in SERVING:
                     self._begin_unload(rec, Event.UNLOAD_REQUESTED, "deleted")
+                elif rec.state is State.WARMING and not rec.adopting:  # a replica scaling began
+                    self._begin_unload(rec, Event.LOAD_CANCELLED, "deleted", force=True)
                 elif rec.state is not State.UNLOADING and not rec.busy:  # no job to report
                     self._drop(rec)
             return replace(first)
@@ -78,11 +83,25 @@ class Registry:
             return model_id not in self._records
 
     def _drop(self: PoolParts, rec: Record) -> None:
+        """Forget a deleted record whose worker is gone (lock held). The model's own record
+        goes once its other replicas have: until then its name is not free to register."""
+        model_id = rec.entry.model_id
+        if rec.replica == 1 and self._extras.get(model_id):
+            return  # dropped by the last of its replicas
         self._records.pop(rec.key, None)
         if rec.replica == 1:
             self._order.remove(rec.key)
         else:
             self._drop_replica(rec)
+            first = self._records.get(model_id)
+            if (
+                first is not None
+                and first.deleting
+                and first.state not in OCCUPYING
+                and not first.busy
+                and not self._extras.get(model_id)
+            ):
+                self._drop(first)
         self._changed.notify_all()
 
     def set_settings(self: PoolParts, settings: Settings) -> None:

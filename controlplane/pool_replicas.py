@@ -88,10 +88,12 @@ class Replicas:
         """The replica for the next request (lock held): the serving one with the fewest in
         flight, round robin among equals (``core.replicas.pick``); None if none serves."""
         group = self._group(model_id)
+        if not group or group[0].replica != 1 or group[0].deleting:
+            return None  # no such model (a replica's key is no model)
         if len(group) == 1:  # one worker: no choice to make
             only = group[0]
             ok = only.state in SERVING and only.port is not None and only.key not in avoid
-            return only if ok and not only.deleting else None
+            return only if ok else None
         views = [
             ReplicaView(r.key, r.state, r.total_in_flight, idle_since=r.last_used)
             for r in group
@@ -155,14 +157,15 @@ class Replicas:
         # Replicas beyond a lowered max go first, whatever their load (one per up_seconds).
         calm = scaling.last_change is None or now - scaling.last_change >= limits.up_seconds
         for rec in group[limits.maximum :]:
-            if rec.state in SERVING and calm:
+            others = any(r is not rec and r.state in SERVING for r in group)
+            if rec.state in SERVING and calm and others:  # the last one serving: its TTL
                 self._begin_unload(rec, Event.UNLOAD_REQUESTED, "scale_down")
                 return self._scaled(model_id, scaling, now, Direction.DOWN, "above max")
         views = [
             ReplicaView(
                 r.key,
                 r.state,
-                r.total_in_flight + r.waiters + len(r.leases),
+                r.total_in_flight + r.waiters,
                 idle_since=r.last_used,
                 anchor=r.replica == 1,
             )

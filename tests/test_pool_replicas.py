@@ -353,3 +353,64 @@ def test_extend_ttl_moves_every_serving_replicas_deadline_and_the_view_shows_the
     assert view["model_id"] == "m" and view["state"] == "HOT"
     assert [r["key"] for r in view["replicas"]] == ["m", "m#2"]
     assert view["replica_counts"]["serving"] == 1
+
+
+def test_the_fast_path_keeps_nothing_for_unknown_models_or_replica_keys() -> None:
+    pool, _, _ = two_serving()
+    assert pool.try_begin_request("m#2") is None
+    for i in range(100):
+        assert pool.try_begin_request(f"nope-{i}") is None
+    assert set(pool._scaling) <= {"m"}
+
+
+def test_deleting_cancels_loading_replicas_and_frees_the_name_last() -> None:
+    pool, _, _ = two_serving(high=3)
+    pool.pin_replicas("m", 3)
+    assert pool.scale_replicas()[0][1] == "up"  # replica 3 is loading
+    pool.mark_deleting("m")
+    states = {r.key: r.state for r in pool._group("m")}
+    assert set(states.values()) == {State.UNLOADING}, states
+    pool.stopped("m", pool._records["m"].gen)
+    assert "m" in pool._records, "the name stays taken while its replicas stop"
+    for key in ("m#2", "m#3"):
+        pool.stopped(key, pool._records[key].gen)
+    assert not [k for k in pool._records if k.startswith("m")] and "m" not in pool.ids()
+
+
+def test_a_pinned_count_follows_new_bounds() -> None:
+    pool, _, _ = two_serving(high=3)
+    pool.pin_replicas("m", 3)
+    pool.replace_entry(entry(high=2))
+    assert pool.scaling_of("m").pinned == 2
+
+
+def test_a_lowered_max_never_drains_the_last_serving_replica() -> None:
+    pool, _, now = two_serving()
+    first = pool.record("m")
+    pool.process_gone("m", first.gen, operator_stop=False, detail="killed")
+    pool.replace_entry(entry(high=1))
+    now[0] += 10
+    assert pool.scale_replicas() == []
+    assert pool.worker("m#2").state is State.HOT
+
+
+def test_leases_are_not_load() -> None:
+    pool, jobs, now = make(entry())
+    pool.ensure_loaded("m", wait=False)
+    ready(pool, jobs)
+    for holder in "abcd":
+        pool.add_lease("m", 600, holder)
+    pool.scale_replicas()
+    now[0] += 10
+    assert pool.scale_replicas() == []
+
+
+def test_light_load_lets_the_spare_replica_go_idle_and_drain() -> None:
+    pool, _, now = two_serving()
+    for _ in range(5):  # one request every 30 s: never two at once
+        now[0] += 30
+        rec = pool.begin_request("m")
+        assert rec.key == "m"
+        pool.release("m", rec.gen)
+        pool.scale_replicas()
+    assert {r.key: r.state for r in pool.replica_records("m")}["m#2"] is State.UNLOADING

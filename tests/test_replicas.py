@@ -31,14 +31,20 @@ def test_the_replica_with_fewest_in_flight_serves() -> None:
     assert chosen is not None and chosen.replica_id == "b"
 
 
-def test_ties_go_round_robin() -> None:
-    replicas = [r("b"), r("a"), r("c", in_flight=1)]
+def test_busy_ties_go_round_robin() -> None:
+    replicas = [r("b", in_flight=1), r("a", in_flight=1), r("c", in_flight=2)]
     turn, seen = 0, []
     for _ in range(4):
         chosen, turn = pick(replicas, turn)
         assert chosen is not None
         seen.append(chosen.replica_id)
     assert seen == ["a", "b", "a", "b"]  # c is busier; a and b take turns
+
+
+def test_idle_ties_go_to_the_first_replica_so_spare_ones_go_idle() -> None:
+    replicas = [r("m"), r("m#3"), r("m#2")]
+    picks = [pick(replicas, turn)[0] for turn in range(3)]
+    assert [p.replica_id for p in picks if p is not None] == ["m", "m", "m"]
 
 
 @pytest.mark.parametrize(
@@ -54,7 +60,7 @@ def test_ties_go_round_robin() -> None:
 def test_only_serving_replicas_take_requests(replica: ReplicaView, serves: bool) -> None:
     chosen, turn = pick([replica], 7)
     assert (chosen is not None) is serves
-    assert turn == (8 if serves else 7)
+    assert turn == 7  # no pick among busy equals: no turn taken
 
 
 def test_a_retry_avoids_the_replica_that_died() -> None:

@@ -3,8 +3,10 @@
 Pure: the pool gives views of a model's replicas and the time, and applies what comes back.
 
 Balancing (``pick``): a request goes to the serving replica (HOT or COOLING, not draining) with
-the fewest requests in flight, counting those sent straight to its port; among equals, the next
-in turn (round robin over the replicas' ids), so that a quiet model still spreads its requests.
+the fewest requests in flight, counting those sent straight to its port; among equals that are
+busy, the next in turn (round robin over the replicas' ids); among equals with nothing in
+flight, the first in the model's order, so that under light load the spare replicas go idle
+and scaling can drain them (round robin would keep every one of them just used).
 A request retried after its replica died before answering names that replica in ``avoid``.
 
 Scaling (``decide``), for a model with ``replicas: {min, max}``:
@@ -66,11 +68,14 @@ class ReplicaView:
 def pick(
     replicas: Sequence[ReplicaView], turn: int, avoid: frozenset[str] = frozenset()
 ) -> tuple[ReplicaView | None, int]:
-    """The replica for the next request and the next ``turn`` (None: none serves now)."""
+    """The replica for the next request and the next ``turn`` (None: none serves now).
+    ``replicas`` in the model's order (its first replica first)."""
     ready = [r for r in replicas if r.serving and r.replica_id not in avoid]
     if not ready:
         return None, turn
     least = min(r.in_flight for r in ready)
+    if least == 0:
+        return next(r for r in ready if r.in_flight == 0), turn
     tied = sorted((r for r in ready if r.in_flight == least), key=lambda r: r.replica_id)
     return tied[turn % len(tied)], turn + 1
 
