@@ -189,11 +189,6 @@ class ModelPool(Admission, Jobs, Unloading, Ttl, Registry, Leasing, Nodes, Repli
                 for m in self._order
             ]
 
-    def groups(self) -> list[list[Record]]:
-        """Copies of every model's replicas (its first one first), in registry order."""
-        with self._lock:
-            return [[replace(r) for r in self._group(m)] for m in self._order]
-
     def describe(self, rec: Record, now: float | None = None) -> dict[str, Any]:
         """The public JSON view of a model (``GET /models``) from a copy of one of its records
         (``rec``, taken as it is): the model shows its best replica's state and its replicas'

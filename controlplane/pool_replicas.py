@@ -76,6 +76,17 @@ class Replicas:
             self._get(model_id)
             return [replace(r) for r in self._group(model_id)]
 
+    def groups(self: PoolParts) -> list[list[Record]]:
+        """Copies of every model's replicas (its first one first), in registry order."""
+        with self._lock:
+            return [[replace(r) for r in self._group(m)] for m in self._order]
+
+    def shown(self: PoolParts) -> list[Record]:
+        """Per model, in registry order, a copy of the record whose state it shows: its best
+        replica's (its own record when it has one worker)."""
+        with self._lock:
+            return [replace(best(self._group(m))) for m in self._order]
+
     def scaling_of(self: PoolParts, model_id: str) -> Scaling:
         with self._lock:
             return replace(self._scaling.get(model_id) or Scaling())

@@ -414,3 +414,12 @@ def test_light_load_lets_the_spare_replica_go_idle_and_drain() -> None:
         pool.release("m", rec.gen)
         pool.scale_replicas()
     assert {r.key: r.state for r in pool.replica_records("m")}["m#2"] is State.UNLOADING
+
+
+def test_a_model_shows_its_best_replica() -> None:
+    pool, _, _ = two_serving()
+    first = pool.record("m")
+    pool.process_gone("m", first.gen, operator_stop=False, detail="killed")
+    (shown,) = pool.shown()
+    assert shown.key == "m#2" and shown.state is State.HOT
+    assert [[r.key for r in g] for g in pool.groups()] == [["m", "m#2"]]

@@ -117,7 +117,7 @@ def tags() -> Response:
     """Every registered model, loaded or not."""
     pool = _svc().pool
     now = pool.clock()
-    return jsonify({"models": [answers.tags_entry(_facts(pool, r, now)) for r in pool.records()]})
+    return jsonify({"models": [answers.tags_entry(_facts(pool, r, now)) for r in pool.shown()]})
 
 
 @bp.get("/api/ps")
@@ -125,7 +125,7 @@ def ps() -> Response:
     """Loaded models: ``expires_at`` is the TTL deadline, the sizes the pool's memory figure."""
     pool = _svc().pool
     now = pool.clock()
-    loaded = [r for r in pool.records() if r.state in SERVING]
+    loaded = [r for r in pool.shown() if r.state in SERVING]  # a replica serving: loaded
     return jsonify({"models": [answers.ps_entry(_facts(pool, r, now), now) for r in loaded]})
 
 
