@@ -140,16 +140,22 @@ class ControlPlane:
             if retry is not None:
                 held = retry
                 continue
-            if broken == "":
+            if broken == "" and len(failed) == 1:
                 return False  # Flask tries once more and reports it (503 + Retry-After)
+            # Two replicas failed it (no more tries), or an answer broke before its body.
+            status, data, retry_after = (
+                (502, _broken(broken), [])
+                if broken
+                else (503, _unanswered(model, len(failed)), [(b"retry-after", b"2")])
+            )
             await send(
                 {
                     "type": "http.response.start",
-                    "status": 502,
-                    "headers": [(b"content-type", b"application/json")],
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json"), *retry_after],
                 }
             )
-            await send({"type": "http.response.body", "body": _broken(broken)})
+            await send({"type": "http.response.body", "body": data})
             return True
 
     async def _attempt(
@@ -224,6 +230,12 @@ class ControlPlane:
             time.perf_counter() - started
         )
         total.labels(method="POST", status=str(status)).inc()
+
+
+def _unanswered(model: str, tried: int) -> bytes:
+    message = f"model {model!r}: none of the {tried} replicas tried answered"
+    error = {"message": message, "type": "server_error", "code": "backend_unavailable"}
+    return json.dumps({"error": error}).encode()
 
 
 def _broken(reason: str) -> bytes:
