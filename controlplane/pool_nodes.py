@@ -170,7 +170,7 @@ class Nodes:
                 return False
             slot.up, slot.error, slot.since = True, "", now
             for program, lost in slot.lost.items():
-                rec = self._records.get(lost.model_id)
+                rec = self._record_for(lost.model_id)  # a replica's key too
                 state, pid = programs.get(program, ("", 0))
                 if (
                     rec is None

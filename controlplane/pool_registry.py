@@ -156,7 +156,7 @@ class Registry:
         drains and reloads it once it is HOT.
         """
         with self._lock:
-            rec = self._records.get(model_id)
+            rec = self._record_for(model_id)  # a replica's key too
             if rec is None or rec.state is not State.COLD:
                 return False
             rec.node = LOCAL
@@ -188,6 +188,7 @@ class Registry:
         with self._lock:
             return (self._version, self._moved), {
                 "version": 1,
+                "pinned": self.pinned_counts(),
                 "models": {
                     m: {
                         "program": r.program,

@@ -262,6 +262,33 @@ class Replicas:
         extras.sort(key=lambda r: r.replica)
         return rec
 
+    def _record_for(self: PoolParts, key: str) -> Record | None:
+        """The record of worker ``key`` (lock held); a replica's is created if its model still
+        allows that many, so that its worker is adopted after a restart like any other."""
+        rec = self._records.get(key)
+        if rec is not None or "#" not in key:
+            return rec
+        model_id, _, k = key.rpartition("#")
+        first = self._records.get(model_id)
+        if first is None or first.deleting or not k.isdigit():
+            return None
+        if not 2 <= int(k) <= first.entry.max_replicas:
+            return None
+        return self._new_replica(model_id, int(k))
+
+    def worker_programs(self: PoolParts) -> dict[str, str]:
+        """Every worker program the registry allows (each model's replicas 1..max): its key."""
+        with self._lock:
+            return {
+                program_name(replica_key(m, k)): replica_key(m, k)
+                for m in self._order
+                for k in range(1, self._records[m].entry.max_replicas + 1)
+            }
+
+    def pinned_counts(self: PoolParts) -> dict[str, int]:
+        """Replica counts pinned by hand, by model (the state file keeps them)."""
+        return {m: s.pinned for m, s in self._scaling.items() if s.pinned is not None}
+
     def _drop_replica(self: PoolParts, rec: Record) -> None:
         """Forget a replica >= 2 (lock held): its model was deleted."""
         extras = self._extras.get(rec.entry.model_id, [])
@@ -287,4 +314,5 @@ class Replicas:
             scaling = self._scaling.setdefault(model_id, Scaling())
             scaling.pinned = count
             scaling.last_change = None  # a change by hand takes effect at once
+            self._version += 1  # kept in the state file
             return replace(scaling)

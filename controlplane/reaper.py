@@ -51,6 +51,21 @@ class StateFile:
             )
             return {}
 
+    def read_pinned(self) -> dict[str, int]:
+        """Replica counts pinned by hand (``modelpool scale``), by model; {} if none."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            pinned = data.get("pinned", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+        if not isinstance(pinned, dict):
+            return {}
+        return {
+            m: n
+            for m, n in pinned.items()
+            if isinstance(m, str) and isinstance(n, int) and not isinstance(n, bool)
+        }
+
     def write(self, data: dict[str, Any]) -> None:
         atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True))
 

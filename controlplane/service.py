@@ -21,7 +21,7 @@ from controlplane.configstore import ConfigStore, atomic_write
 from controlplane.core.slug import PROGRAM_PREFIX
 from controlplane.core.states import State
 from controlplane.drift import DriftRepair
-from controlplane.errors import Conflict, InvalidInput
+from controlplane.errors import Conflict, InvalidInput, PoolError
 from controlplane.lifecycle import Workers
 from controlplane.monitor import NodeMonitor, call_timeout
 from controlplane.node import Node
@@ -141,6 +141,7 @@ class PoolService:
         self._write_key(self.pool.settings.api_key)
         procs = self._wait_supervisor(supervisor_wait)
         self._adopt(procs)
+        self._restore_pins()
         self._contact_nodes()
         self.reaper.start()
         for monitor in self.monitors:
@@ -263,20 +264,29 @@ class PoolService:
                     raise
                 time.sleep(0.2)
 
+    def _restore_pins(self) -> None:
+        """Replica counts pinned by hand before the restart, where the registry still allows."""
+        for model_id, count in self.state_file.read_pinned().items():
+            try:
+                self.pool.pin_replicas(model_id, count)
+            except PoolError as exc:
+                log.warning("pinned replicas of %s not restored: %s", model_id, exc)
+
     def _adopt(self, procs: list[Any]) -> None:
-        """Re-adopt workers that still run; remove entries that belong to no model."""
+        """Re-adopt workers that still run (replicas too); remove entries that belong to no
+        model."""
         saved = self.state_file.read()
-        by_program = {r.program: r.entry.model_id for r in self.pool.records()}
+        by_program = self.pool.worker_programs()
         live = set()
         for info in procs:
             if not info.name.startswith(PROGRAM_PREFIX):
                 continue
-            model_id = by_program.get(info.name)
+            model_id = by_program.get(info.name)  # a worker's key: model#k for a replica
             spec = self._read_spec(info.name)
             if (
                 model_id is not None
                 and spec is not None
-                and spec.model_id == model_id
+                and spec.model_id == model_id.split("#")[0]
                 and info.state in ("STARTING", "RUNNING")
             ):
                 entry = saved.get(model_id, {})

@@ -215,3 +215,21 @@ def test_a_count_pinned_by_hand_holds_while_idle(stack: Stack, browser: Browser)
     )
     stack.cli("scale", MODEL, "auto", check=True)
     wait_until(lambda: len(serving(stack)) == 1, 30, 0.2)
+
+
+def test_a_restarted_control_plane_adopts_every_replica_and_keeps_the_pinned_count(
+    nodes: Nodes, stack: Stack
+) -> None:
+    stack.load(MODEL)
+    stack.cli("scale", MODEL, "2", check=True)
+    two = wait_until(lambda: len(serving(stack)) == 2 and serving(stack), 30, 0.2)
+    before = {r["key"]: (r["node"], r["pid"]) for r in two}
+    restart = stack.supervisorctl("restart", "controlplane")
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    wait_until(lambda: stack.get("/health").status_code == 200, 30)
+    after = wait_until(lambda: len(serving(stack)) == 2 and serving(stack), 30, 0.2)
+    # The same workers on the same nodes, taken over, not started again.
+    assert {r["key"]: (r["node"], r["pid"]) for r in after} == before
+    assert stack.model(MODEL)["replica_counts"]["pinned"] == 2
+    stack.cli("scale", MODEL, "auto", check=True)
+    wait_until(lambda: len(serving(stack)) == 1, 30, 0.2)
