@@ -24,7 +24,7 @@ from controlplane.adapters.supervisord import (
 from controlplane.adapters.worker import WorkerProbe
 from controlplane.nodes import WorkerNode
 from controlplane.pool import ModelPool
-from controlplane.records import Lifecycle, Record
+from controlplane.records import Lifecycle, Record, model_of
 from controlplane.settings import IN_PROCESS_BACKENDS, ModelEntry
 
 log = logging.getLogger("modelpool.lifecycle")
@@ -241,7 +241,7 @@ class Workers(Lifecycle):
                 return None
             health = self.probe.health(host, port, 1.0)
             # A replica's key is ``model#k``; its worker serves the model itself.
-            if health is not None and health.model not in (None, model_id.split("#")[0]):
+            if health is not None and health.model not in (None, model_of(model_id)):
                 return _Failure(
                     f"port {port} is answered by a worker for {health.model!r}", "start_error"
                 )

@@ -22,7 +22,7 @@ from controlplane.core.slug import program_name
 from controlplane.core.states import OCCUPYING, SERVING, Event, State
 from controlplane.errors import BackendDown, Conflict, LoadFailed, NoCapacity
 from controlplane.pool_parts import PoolParts
-from controlplane.records import Record, replica_key
+from controlplane.records import Record, model_of, replica_key
 
 log = logging.getLogger("modelpool.pool")
 
@@ -266,9 +266,10 @@ class Replicas:
         """The record of worker ``key`` (lock held); a replica's is created if its model still
         allows that many, so that its worker is adopted after a restart like any other."""
         rec = self._records.get(key)
-        if rec is not None or "#" not in key:
+        model_id = model_of(key)
+        if rec is not None or model_id == key:
             return rec
-        model_id, _, k = key.rpartition("#")
+        k = key.removeprefix(model_id + "#")
         first = self._records.get(model_id)
         if first is None or first.deleting or not k.isdigit():
             return None

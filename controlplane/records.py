@@ -153,6 +153,11 @@ def replica_key(model_id: str, replica: int) -> str:
     return model_id if replica == 1 else f"{model_id}#{replica}"
 
 
+def model_of(key: str) -> str:
+    """The model a worker's key names (``model#k`` → ``model``; a model id as it is)."""
+    return key.partition("#")[0]
+
+
 class Lifecycle:
     """Side effects the pool asks for; implemented by ``controlplane.lifecycle.Workers``."""
 

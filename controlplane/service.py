@@ -30,7 +30,7 @@ from controlplane.nodes import LocalNode, RemoteNode, WorkerNode, port_checker, 
 from controlplane.pool import ModelPool
 from controlplane.pool_nodes import LostWorker
 from controlplane.reaper import Reaper, StateFile
-from controlplane.records import Record
+from controlplane.records import Record, model_of
 from controlplane.settings import (
     SETTINGS_BY_NAME,
     ConfigError,
@@ -194,7 +194,9 @@ class PoolService:
 
     def _withdraw_before_stop(self, model_id: str) -> None:
         """Deregister before the worker drains (bounded: the registry never holds a stop up)."""
-        if self.announcer is not None and "#" not in model_id:  # replicas k >= 2: not announced
+        if (
+            self.announcer is not None and model_of(model_id) == model_id
+        ):  # replicas k >= 2: not announced
             self.announcer.withdraw(model_id).wait(2.0)
 
     def _after_cancel(self, rec: Record, old: State, new: State) -> None:
@@ -286,7 +288,7 @@ class PoolService:
             if (
                 model_id is not None
                 and spec is not None
-                and spec.model_id == model_id.split("#")[0]
+                and spec.model_id == model_of(model_id)
                 and info.state in ("STARTING", "RUNNING")
             ):
                 entry = saved.get(model_id, {})
